@@ -1,0 +1,54 @@
+"""The command line: `python train.py` end to end, `xti layers`, `xti config`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+from xti.cli import main
+
+REPO = Path(__file__).parents[1]
+
+
+def test_train_py_runs_the_tiny_config_end_to_end(tmp_path):
+    env = dict(os.environ, XTI_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.yaml", f"output_dir={out}", "train.max_steps=3",
+         "train.checkpoint_every=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    file = out / "tiny-concept.xti.safetensors"
+    assert f"wrote {file}" in proc.stdout
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+        assert len(list(f.keys())) == 16
+    assert meta["xti.placeholder"] == "<striped-box>" and meta["xti.steps"] == "3"
+    assert (tmp_path / "cache").is_dir(), "the builtin model is built into XTI_CACHE"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_layers_command(tiny_model, capsys):
+    assert main(["layers", str(tiny_model)]) == 0
+    names = capsys.readouterr().out.split()
+    assert names[:3] == ["IN01", "IN02", "IN04"] and names[6] == "MID" and len(names) == 16
+    assert main(["layers", str(tiny_model), "--modules"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "IN01\tdown_blocks.0.attentions.0"
+
+
+def test_config_command_lists_and_resolves(capsys):
+    assert main(["config"]) == 0
+    listing = capsys.readouterr().out
+    assert "train.lr = 0.005  # Learning rate of AdamW." in listing
+    assert main(["config", "--config", str(REPO / "configs" / "tiny.yaml"), "train.lr=0.1"]) == 0
+    assert "lr: 0.1" in capsys.readouterr().out
+    assert main(["config", "--config", str(REPO / "configs" / "tiny.yaml"), "train.nope=1"]) == 2
+    assert "train.nope: unknown key" in capsys.readouterr().err

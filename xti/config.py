@@ -1,0 +1,302 @@
+"""Run configuration: pydantic models, YAML loading and ``key=value`` overrides.
+
+Every section rejects unknown keys, so a typo in a YAML file or on the command line is an error that
+names the key instead of a silently ignored setting. `load_config` is the one entry point: it reads a
+YAML file (optional), applies dotted overrides such as ``train.lr=1e-3`` and validates the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from xti.errors import XTIError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which Stable Diffusion model to invert against."""
+
+    path: str = Field(
+        "builtin:tiny-sd1",
+        description="Diffusers folder, single .safetensors/.ckpt file, hub id, or builtin:tiny-sd1.",
+    )
+    family: Literal["auto", "sd1", "sd2"] = Field(
+        "auto", description="Model family; auto detects it from the components."
+    )
+    single_file_config: str | None = Field(
+        None,
+        description="Local diffusers config folder used to load a single-file checkpoint offline.",
+    )
+    revision: str | None = Field(None, description="Hub revision when `path` is a hub id.")
+    variant: str | None = Field(
+        None, description="Weight variant to load (e.g. fp16) from a diffusers folder or hub id."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow loading a pickled .ckpt checkpoint (weights_only); off by default.",
+    )
+
+
+class DataConfig(_Section):
+    """Where the concept images come from and how they are augmented."""
+
+    dir: str | None = Field(
+        None, description="Folder of images, with optional metadata.jsonl or .txt captions."
+    )
+    dataset: str | None = Field(
+        None,
+        description="HF datasets imagefolder: a local dataset folder or a hub id (instead of `dir`).",
+    )
+    dataset_split: str = Field("train", description="Split to read from `dataset`.")
+    image_column: str = Field("image", description="Image column of `dataset`.")
+    caption_column: str = Field(
+        "text", description="Caption column of `dataset` (missing column: templates are used)."
+    )
+    template: Literal["object", "style"] = Field(
+        "object", description="Prompt templates used when images have no caption."
+    )
+    center_crop: bool = Field(
+        True, description="Crop the centre after resizing; false takes `random_crops` random crops."
+    )
+    random_crops: int = Field(
+        4, ge=1, description="Distinct random crops per image when center_crop is false."
+    )
+    flip_p: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Probability of a horizontal flip (each flip state is cached once).",
+    )
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="What to do with an unreadable image: fail, or skip it with a warning."
+    )
+    encode_batch_size: int = Field(4, ge=1, description="Images per VAE call when caching latents.")
+
+
+class ConceptConfig(_Section):
+    """The concept being learned."""
+
+    placeholder: str = Field(
+        "<concept>", description="New token that stands for the concept in prompts."
+    )
+    initializer: str = Field(
+        "object", description="Word(s) whose embeddings initialise the vectors."
+    )
+    n_vectors: int = Field(
+        1, ge=1, description="Vectors per layer; the placeholder expands to this many tokens."
+    )
+
+    @field_validator("placeholder")
+    @classmethod
+    def _placeholder_single_word(cls, v: str) -> str:
+        if not v.strip() or any(c.isspace() for c in v):
+            raise ValueError("must be one non-empty word without spaces, e.g. <cat-toy>")
+        return v
+
+    @field_validator("initializer")
+    @classmethod
+    def _initializer_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty: give a word close to the concept, e.g. 'toy'")
+        return v
+
+
+class XTISection(_Section):
+    """How vectors are shared across the UNet's cross-attention layers."""
+
+    granularity: Literal["block", "transformer", "shared"] = Field(
+        "block",
+        description="block: one vector set per cross-attention block (XTI); transformer: per transformer block; shared: one set for all (classic TI).",
+    )
+
+
+class KDEConfig(_Section):
+    """KDE regulariser keeping vectors in dense regions of the vocabulary (DESIGN §4)."""
+
+    weight: float = Field(
+        0.0, ge=0.0, description="Loss weight λ of the mean KDE term; 0 turns it off."
+    )
+    bandwidth: float | None = Field(
+        None, gt=0.0, description="Kernel bandwidth h; null uses Scott's rule."
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation and loop settings."""
+
+    max_steps: int = Field(500, gt=0, description="Optimizer steps to train.")
+    batch_size: int = Field(1, gt=0, description="Images per process per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    lr: float = Field(5e-3, gt=0.0, description="Learning rate of AdamW.")
+    scale_lr: bool = Field(
+        False, description="Multiply lr by batch size, accumulation steps and process count."
+    )
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field(
+        "constant_with_warmup",
+        description="Learning-rate schedule (diffusers get_scheduler names).",
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the vectors.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0.0, description="Gradient clipping norm; null disables clipping."
+    )
+    resolution: int = Field(512, gt=0, description="Training image size in pixels (square).")
+    seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None,
+        description="Mixed precision of the frozen models; null lets `accelerate launch` decide.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute UNet activations in backward to save memory."
+    )
+    noise_offset: float = Field(0.0, ge=0.0, description="Offset-noise strength (0 disables).")
+    snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR loss weighting gamma (null disables; 5 is common)."
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a resumable checkpoint every N steps (0 disables)."
+    )
+    checkpoints_total_limit: int | None = Field(
+        3, ge=1, description="Keep at most this many checkpoints (null keeps all)."
+    )
+    resume: str | None = Field(None, description="Resume from 'latest' or a checkpoint folder.")
+    snapshot_every: int = Field(
+        0, ge=0, description="Write an embedding file every N steps (0 disables)."
+    )
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+
+
+class TrackingConfig(_Section):
+    """Where metrics go."""
+
+    report_to: Literal["wandb", "tensorboard", "none"] = Field(
+        "none", description="Tracker: wandb (offline unless configured), tensorboard or none."
+    )
+    project: str = Field("xti", description="Tracker project name.")
+    run_name: str | None = Field(None, description="Run name (default: the concept name).")
+    tags: list[str] = Field(default_factory=list, description="Tracker tags.")
+
+
+class Config(_Section):
+    """A complete training run."""
+
+    name: str | None = Field(
+        None, description="Concept name used in file names (default: placeholder without <>)."
+    )
+    output_dir: str = Field(
+        "outputs", description="Folder for the embedding file, checkpoints and logs."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training images.")
+    concept: ConceptConfig = Field(
+        default_factory=ConceptConfig, description="Placeholder, initializer, vectors."
+    )
+    xti: XTISection = Field(default_factory=XTISection, description="Layer granularity.")
+    kde: KDEConfig = Field(default_factory=KDEConfig, description="KDE regulariser.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Loop settings.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics tracker.")
+
+    @property
+    def concept_name(self) -> str:
+        """File-name stem of the concept: `name`, or the placeholder stripped of brackets."""
+        if self.name:
+            return self.name
+        stem = self.concept.placeholder.strip("<>[]{}") or "concept"
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise XTIError(f"override '{item}' is not key=value (e.g. train.lr=1e-3)")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise XTIError(f"override '{item}' has an empty key part")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise XTIError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; `xti config` lists the keys)"
+    else:
+        msg = first["msg"]
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {field}: {msg}{more}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict, turning pydantic errors into a one-line `XTIError`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise XTIError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise XTIError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise XTIError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise XTIError(f"{p}: top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        apply_overrides(data, overrides)
+        source += " + overrides"
+    return config_from_dict(data, source)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per leaf key: ``section.key = default  # description`` (for `xti config`)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"{prefix}{name} = {default!r}  # {field.description}")
+    return lines

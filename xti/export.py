@@ -1,0 +1,464 @@
+"""The embedding file on disk (DESIGN §6): writing, reading and plain-TI export.
+
+This module owns the ``<name>.xti.safetensors`` layout and its metadata, atomic file writes
+(`atomic_write_bytes`, reused for any file the project writes), loading of xti files and of
+kohya sd-scripts' 16-key SD1 XTI files (pickled ``.pt``/``.bin`` only behind an explicit flag, and
+then only with ``weights_only=True``), and the lossy export to a plain textual-inversion file.
+
+Layout: SD1.x/SD2.x files have one key per layer (``IN01`` ... ``OUT11``), SDXL files have
+``clip_l.<LAYER>``, ``clip_g.<LAYER>`` and optionally ``clip_g.POOL``; every tensor is
+``[n_vectors, d]`` float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import secrets
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _safetensors_save
+
+from xti.errors import XTIError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SD1_LAYER_NAMES",
+    "EmbeddingFile",
+    "atomic_write_bytes",
+    "build_metadata",
+    "load_embedding_file",
+    "save_embedding_file",
+    "to_ti_vectors",
+]
+
+FORMAT_VERSION = "1"
+
+SD1_LAYER_NAMES: list[str] = [
+    "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
+    "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11",
+]  # fmt: skip
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+SDXL_ENCODERS = ("clip_l", "clip_g")
+POOL = "POOL"
+POOL_KEY = "clip_g.POOL"
+
+_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/xti",
+    "sd2": "stable-diffusion-v2/xti",
+    "sdxl": "stable-diffusion-xl-v1-base/xti",
+}
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_MAX_KEYS_SHOWN = 20
+
+
+@dataclass
+class EmbeddingFile:
+    """A loaded embedding file.
+
+    ``layers`` is in UNet forward order; ``vectors`` maps the file's keys to ``[n, d]`` float32
+    tensors (SD1/SD2: ``{"IN01": ...}``; SDXL: ``{"clip_l.IN04": ..., "clip_g.IN04": ...,
+    "clip_g.POOL": ...}``); ``metadata`` holds the file's string metadata (empty for kohya files).
+    """
+
+    layers: list[str]
+    vectors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    kind: Literal["xti", "kohya"] = "xti"
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the keys carry ``clip_l.``/``clip_g.`` prefixes (two text encoders)."""
+        return any(k.startswith(f"{enc}.") for k in self.vectors for enc in SDXL_ENCODERS)
+
+    @property
+    def family(self) -> str:
+        """``sd1``, ``sd2`` or ``sdxl``: from the metadata, else from the key layout."""
+        fam = self.metadata.get("xti.family")
+        if fam in FAMILIES:
+            return fam
+        return "sdxl" if self.is_sdxl else "sd1"
+
+    @property
+    def n_vectors(self) -> int:
+        """Vectors per layer (rows of every tensor)."""
+        return next(iter(self.vectors.values())).shape[0]
+
+    def layer_vectors(self, layer: str, encoder: str | None = None) -> torch.Tensor:
+        """The ``[n, d]`` tensor of one layer (``encoder`` is ``clip_l``/``clip_g`` for SDXL)."""
+        key = layer if encoder is None else f"{encoder}.{layer}"
+        if key not in self.vectors:
+            raise XTIError(f"no vectors for {key!r}; keys: {_show_keys(self.vectors)}")
+        return self.vectors[key]
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def build_metadata(
+    *,
+    layers: Sequence[str],
+    granularity: str,
+    placeholder: str,
+    initializer: str,
+    n_vectors: int,
+    family: str,
+    base_model: str,
+    text_dims: Mapping[str, int],
+    steps: int,
+    kde_weight: float,
+    title: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The string metadata of an xti file (``xti.*`` and ``modelspec.*``, DESIGN §6).
+
+    ``extra`` adds keys (string values) or overrides ``modelspec.*`` ones (e.g. a more precise
+    ``modelspec.architecture``); it may not override ``xti.*`` keys.
+    """
+    layers = list(layers)
+    if not layers or not all(isinstance(x, str) and x for x in layers):
+        raise ValueError(f"layers must be a non-empty list of names, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer names must be unique, got {layers!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if int(n_vectors) < 1:
+        raise ValueError(f"n_vectors must be >= 1, got {n_vectors}")
+    dims = {str(k): int(v) for k, v in text_dims.items()}
+    meta = {
+        "xti.format_version": FORMAT_VERSION,
+        "xti.layers": json.dumps(layers),
+        "xti.granularity": str(granularity),
+        "xti.placeholder": str(placeholder),
+        "xti.initializer": str(initializer),
+        "xti.n_vectors": str(int(n_vectors)),
+        "xti.family": family,
+        "xti.base_model": str(base_model),
+        "xti.text_dims": json.dumps(dims),
+        "xti.steps": str(int(steps)),
+        "xti.kde_weight": repr(float(kde_weight)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _ARCHITECTURE[family],
+        "modelspec.title": title if title is not None else str(placeholder),
+        "modelspec.date": _dt.date.today().isoformat(),
+    }
+    for key, value in (extra or {}).items():
+        if key in meta and key.startswith("xti."):
+            raise ValueError(f"extra metadata may not override {key!r}")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata keys and values must be strings, got {key!r}: {value!r}")
+        meta[key] = value
+    return meta
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` never exists half-written.
+
+    Writes a temporary file in the same directory (created if missing), flushes and fsyncs it, then
+    ``os.replace``s it onto ``path``. On any failure the temporary file is removed and the previous
+    content of ``path`` (if any) is left untouched. The new file gets the usual umask permissions.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best effort: make the rename durable (not possible on every OS/filesystem)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_embedding_file(
+    path: str | os.PathLike[str],
+    vectors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+) -> Path:
+    """Save ``vectors`` (contiguous float32 copies on CPU) with string ``metadata``, atomically.
+
+    Keys are written in the order of ``xti.layers`` when the metadata has it (then, for SDXL,
+    ``clip_l`` before ``clip_g``, and ``POOL`` last); safetensors itself stores keys sorted, so the
+    order that loaders rely on is the one in ``xti.layers``. Returns the path written.
+    """
+    if not vectors:
+        raise ValueError("no vectors to save")
+    meta: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata keys and values must be strings, got {key!r}: {value!r}")
+        meta[key] = value
+    tensors: dict[str, torch.Tensor] = {}
+    for key in _ordered_keys(vectors, meta):
+        t = vectors[key]
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"vectors[{key!r}] must be a 2-D [n, d] tensor, got {shape}")
+        # clone: safetensors refuses tensors sharing storage (e.g. views of one [L, n, d] tensor).
+        tensors[key] = t.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+    data = _safetensors_save(tensors, metadata=meta or None)
+    target = Path(path)
+    atomic_write_bytes(target, data)
+    return target
+
+
+def _ordered_keys(vectors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> list[str]:
+    try:
+        layers = json.loads(meta.get("xti.layers", "[]"))
+    except json.JSONDecodeError:
+        layers = []
+    order: list[str] = []
+    if isinstance(layers, list):
+        for name in layers:
+            for key in (str(name), *(f"{enc}.{name}" for enc in SDXL_ENCODERS)):
+                if key in vectors and key not in order:
+                    order.append(key)
+    order += [k for k in vectors if k not in order and k != POOL_KEY]
+    if POOL_KEY in vectors:
+        order.append(POOL_KEY)
+    return order
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_embedding_file(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> EmbeddingFile:
+    """Load an xti file or a kohya 16-key SD1 XTI file.
+
+    safetensors files are recognised by content. Pickled files (``.pt``, ``.bin``, ``.ckpt``,
+    ``.pth``) are refused unless ``allow_pickle`` (CLI ``--allow-pickle``); then they are read with
+    ``torch.load(weights_only=True)`` and must hold a dict of layer name -> tensor. Every tensor is
+    returned as float32 on CPU. Any other layout raises `XTIError` naming the file and its keys.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise XTIError(f"{p}: embedding file not found")
+    if not p.is_file():
+        raise XTIError(f"{p}: not a file")
+    head = _read_head(p)
+    if _looks_like_safetensors(head, p.stat().st_size):
+        tensors, metadata = _read_safetensors(p)
+    elif p.suffix.lower() in _PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
+        tensors, metadata = _read_pickle(p, allow_pickle), {}
+    else:
+        raise XTIError(f"{p}: not a safetensors file")
+    return _interpret(p, tensors, metadata)
+
+
+def _read_head(p: Path) -> bytes:
+    try:
+        with p.open("rb") as fh:
+            return fh.read(16)
+    except OSError as exc:
+        raise XTIError(f"{p}: cannot read embedding file ({exc.strerror or exc})") from exc
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: little-endian u64 header length, then a JSON object."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < n <= size - 8
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises its own error types (and OSError)
+        raise XTIError(f"{p}: not a valid safetensors file ({_one_line(exc)})") from exc
+    return tensors, metadata
+
+
+def _read_pickle(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise XTIError(
+            f"{p}: pickled file refused (it could run code when loaded); pass allow_pickle=True "
+            "(CLI: --allow-pickle) to load it with torch.load(weights_only=True), "
+            "or convert it to .safetensors"
+        )
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors and plain containers
+        raise XTIError(
+            f"{p}: cannot load with weights_only=True (it holds something other than tensors, "
+            f"or is not a torch file): {_one_line(exc)}"
+        ) from exc
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        found = _show_keys(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise XTIError(f"{p}: expected a dict of layer name -> tensor, found {found}")
+    return obj
+
+
+def _interpret(
+    p: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> EmbeddingFile:
+    version = metadata.get("xti.format_version")
+    if version is not None:
+        if version != FORMAT_VERSION:
+            raise XTIError(
+                f"{p}: xti format version {version!r} is not supported (this xti reads "
+                f"version {FORMAT_VERSION}); upgrade xti"
+            )
+        layers = _parse_layers(p, metadata.get("xti.layers"))
+        sdxl = metadata.get("xti.family") == "sdxl" or any(
+            k.startswith(f"{enc}.") for k in tensors for enc in SDXL_ENCODERS
+        )
+        if sdxl:
+            expected = [f"{enc}.{name}" for name in layers for enc in SDXL_ENCODERS]
+            optional = [POOL_KEY]
+        else:
+            expected, optional = list(layers), []
+        kind: Literal["xti", "kohya"] = "xti"
+    elif set(tensors) == set(SD1_LAYER_NAMES):
+        layers, expected, optional, kind = list(SD1_LAYER_NAMES), list(SD1_LAYER_NAMES), [], "kohya"
+    else:
+        hint = ""
+        if set(tensors) in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in tensors:
+            hint = " (this looks like a plain textual-inversion embedding, not a per-layer one)"
+        raise XTIError(
+            f"{p}: not an xti or kohya XTI embedding file{hint}; expected xti metadata or the 16 "
+            f"keys {SD1_LAYER_NAMES[0]}..{SD1_LAYER_NAMES[-1]}, found keys: {_show_keys(tensors)}"
+        )
+
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected and k not in optional]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:_MAX_KEYS_SHOWN])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:_MAX_KEYS_SHOWN])}")
+        raise XTIError(
+            f"{p}: keys do not match the layers in its metadata ({'; '.join(parts)}); "
+            f"found keys: {_show_keys(tensors)}"
+        )
+
+    ordered = expected + [k for k in optional if k in tensors]
+    vectors: dict[str, torch.Tensor] = {}
+    for key in ordered:
+        t = tensors[key]
+        if t.ndim != 2 or not t.is_floating_point():
+            raise XTIError(
+                f"{p}: {key} must be a 2-D float [n_vectors, dim] tensor, got "
+                f"{t.dtype} {tuple(t.shape)}"
+            )
+        vectors[key] = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    _check_shapes(p, vectors)
+    return EmbeddingFile(layers=layers, vectors=vectors, metadata=metadata, kind=kind)
+
+
+def _parse_layers(p: Path, raw: str | None) -> list[str]:
+    try:
+        layers = json.loads(raw) if raw is not None else None
+    except json.JSONDecodeError:
+        layers = None
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(x, str) and x for x in layers)
+        or len(set(layers)) != len(layers)
+    ):
+        raise XTIError(f"{p}: metadata xti.layers must be a JSON list of unique names, got {raw!r}")
+    return layers
+
+
+def _check_shapes(p: Path, vectors: dict[str, torch.Tensor]) -> None:
+    rows = {t.shape[0] for t in vectors.values()}
+    if len(rows) != 1:
+        raise XTIError(f"{p}: layers have different numbers of vectors: {sorted(rows)}")
+    widths: dict[str, set[int]] = {}
+    for key, t in vectors.items():
+        enc = key.split(".", 1)[0] if "." in key else ""
+        widths.setdefault(enc, set()).add(t.shape[1])
+    for enc, ws in widths.items():
+        if len(ws) != 1:
+            label = f" for {enc}" if enc else ""
+            raise XTIError(f"{p}: layers have different vector widths{label}: {sorted(ws)}")
+
+
+def _show_keys(obj: Mapping[object, object]) -> str:
+    keys = [str(k) for k in obj]
+    if not keys:
+        return "(none)"
+    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
+    more = len(keys) - _MAX_KEYS_SHOWN
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- plain TI export
+
+
+def to_ti_vectors(
+    ef: EmbeddingFile, *, layer: str | None = None, mean: bool = False
+) -> dict[str, torch.Tensor]:
+    """Collapse per-layer vectors to one plain textual-inversion embedding (lossy).
+
+    Exactly one of ``layer`` (take that layer's vectors) or ``mean`` (average over all layers) is
+    given. SD1/SD2 -> ``{"emb_params": [n, d]}``, the single-key layout that A1111, ComfyUI and
+    kohya write and diffusers' ``load_textual_inversion`` accepts; SDXL ->
+    ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``. The ``POOL`` slot is not used. Tensors are new
+    float32 CPU tensors.
+    """
+    if (layer is None) == (not mean):
+        raise XTIError(
+            "plain-TI export needs exactly one of: a layer name, or the mean over layers"
+        )
+    if layer is not None and layer not in ef.layers:
+        raise XTIError(f"unknown layer {layer!r}; layers in this file: {', '.join(ef.layers)}")
+    chosen = ef.layers if mean else [layer]
+    encoders: tuple[str | None, ...] = SDXL_ENCODERS if ef.is_sdxl else (None,)
+    out: dict[str, torch.Tensor] = {}
+    for enc in encoders:
+        stack = torch.stack([ef.layer_vectors(name, enc).float() for name in chosen])
+        out[enc or "emb_params"] = stack.mean(dim=0).cpu().contiguous().clone()
+    return out

@@ -1,0 +1,397 @@
+"""Model loading: turn a `ModelConfig` into a typed `ModelBundle` of frozen SD 1.x/2.x components.
+
+This module owns where models come from (``builtin:`` names, local diffusers folders, single-file
+``.safetensors``/``.ckpt`` checkpoints, hub ids), the model family (sd1/sd2) and prediction type, the
+training noise scheduler, and the one-line `XTIError` messages for every way a model path can be wrong.
+Local loads never touch the network. Components come back in fp32 on the CPU, in eval mode, with the
+text encoder, UNet and VAE frozen; moving them to a device or a dtype is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from xti.builders import BUILTIN_PREFIX, resolve_builtin
+from xti.config import ModelConfig
+from xti.errors import XTIError
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd1", "sd2"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+"""Subfolders a diffusers Stable Diffusion folder must have."""
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelBundle:
+    """The frozen components one training run needs, plus what they are.
+
+    Attributes:
+        tokenizer: The model's CLIP tokenizer (callers add placeholder tokens to it).
+        text_encoder: CLIP text model, fp32, eval, frozen.
+        unet: Denoising UNet, fp32, eval, frozen.
+        vae: Autoencoder, fp32, eval, frozen.
+        noise_scheduler: Training scheduler built from the model's scheduler config (keeps
+            prediction_type, rescale_betas_zero_snr, timestep spacing and the beta schedule).
+        family: ``sd1`` (768-wide CLIP-L conditioning) or ``sd2`` (1024-wide OpenCLIP-H).
+        prediction_type: What the UNet predicts: ``epsilon`` or ``v_prediction``.
+        source: What was loaded (the configured path or hub id), for metadata.
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    family: Family
+    prediction_type: PredictionType
+    source: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Family and scheduler
+# --------------------------------------------------------------------------------------------------
+
+
+def _cross_attention_dim(unet: Any) -> int | None:
+    dim = getattr(unet.config, "cross_attention_dim", None)
+    if isinstance(dim, (list, tuple)):
+        dims = set(dim)
+        dim = dim[0] if len(dims) == 1 else None
+    return dim
+
+
+def detect_family(text_encoder: Any | None, unet: Any | None) -> Family:
+    """Tell SD 1.x from SD 2.x by the width of the text conditioning.
+
+    A width of 1024 (OpenCLIP-H) means ``sd2``; 768 (CLIP-L) and anything else (tiny test models)
+    mean ``sd1``, whose layer layout is the same.
+
+    Args:
+        text_encoder: A CLIPTextModel (or anything with ``config.hidden_size``), or None.
+        unet: A UNet2DConditionModel (or anything with ``config.cross_attention_dim``), or None.
+
+    Raises:
+        XTIError: When the UNet is an SDXL UNet, or the text encoder width does not match the UNet's
+            cross-attention width.
+    """
+    if unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time":
+        raise XTIError("this UNet is an SDXL UNet; xti loads SD 1.x and 2.x models only")
+    text_dim = (
+        getattr(text_encoder.config, "hidden_size", None) if text_encoder is not None else None
+    )
+    unet_dim = _cross_attention_dim(unet) if unet is not None else None
+    if text_dim is not None and unet_dim is not None and text_dim != unet_dim:
+        raise XTIError(
+            f"text encoder width {text_dim} does not match the UNet cross_attention_dim {unet_dim}: "
+            "the components come from different models"
+        )
+    dim = unet_dim if unet_dim is not None else text_dim
+    return "sd2" if dim == 1024 else "sd1"
+
+
+def training_scheduler(config: dict[str, Any]) -> DDPMScheduler:
+    """Build the DDPM training scheduler from any SD scheduler config (PNDM, DDIM, Euler...).
+
+    Keys DDPMScheduler understands are kept (beta schedule, prediction_type, rescale_betas_zero_snr,
+    timestep_spacing, steps_offset...); the rest (``skip_prk_steps``, ``set_alpha_to_one``...) are
+    dropped without a warning.
+    """
+    accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    kept = {k: v for k, v in dict(config).items() if k in accepted}
+    return DDPMScheduler.from_config(kept)
+
+
+def _prediction_type(scheduler: DDPMScheduler, where: str) -> PredictionType:
+    pred = scheduler.config.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise XTIError(
+            f"{where}: scheduler prediction_type '{pred}' is not supported (epsilon or v_prediction)"
+        )
+    return pred
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _load(where: str, component: str, fn: Callable[[], T]) -> T:
+    """Call a loader, turning any failure into a one-line `XTIError` naming the component."""
+    try:
+        return fn()
+    except XTIError:
+        raise
+    except Exception as err:  # every loader error becomes a user-facing line
+        raise XTIError(f"{where}: cannot load {component} ({_first_line(err)})") from None
+
+
+def _offline() -> bool:
+    """Whether the hub is switched off by the environment."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return True
+    return False
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """Whether `path` has the ``org/name`` shape of a Hugging Face hub repository id."""
+    if path.startswith((".", "/", "~")) or "\\" in path:
+        return False
+    if path.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
+        return False
+    return bool(_HUB_ID.match(path))
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether the hub cache holds the ``model_index.json`` of `repo_id` (no network access)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    except Exception:
+        return False
+    return isinstance(found, str)
+
+
+def _finish(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler_config: dict[str, Any],
+    cfg: ModelConfig,
+    source: str,
+) -> ModelBundle:
+    for model in (text_encoder, unet, vae):
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+            model.to(device="cpu", dtype=torch.float32)
+        model.eval()
+        model.requires_grad_(False)
+    noise_scheduler = _load(source, "scheduler", lambda: training_scheduler(scheduler_config))
+    try:
+        detected = detect_family(text_encoder, unet)
+    except XTIError as err:
+        raise XTIError(f"{source}: {err}") from None
+    family: Family = detected if cfg.family == "auto" else cfg.family
+    if family != detected:
+        logger.warning(
+            "%s: model.family=%s although the model looks like %s", source, family, detected
+        )
+    return ModelBundle(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=noise_scheduler,
+        family=family,
+        prediction_type=_prediction_type(noise_scheduler, source),
+        source=source,
+    )
+
+
+def _load_components(
+    location: str, cfg: ModelConfig, source: str, *, local: bool, revision: str | None
+) -> ModelBundle:
+    """Load the five components from a diffusers folder or hub repository."""
+    common: dict[str, Any] = {"local_files_only": local}
+    if revision is not None:
+        common["revision"] = revision
+    weights: dict[str, Any] = dict(common)
+    if cfg.variant:
+        weights["variant"] = cfg.variant
+    tokenizer = _load(
+        source,
+        "tokenizer/",
+        lambda: CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common),
+    )
+    text_encoder = _load(
+        source,
+        "text_encoder/",
+        lambda: CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
+    )
+    unet = _load(
+        source,
+        "unet/",
+        lambda: UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights),
+    )
+    vae = _load(
+        source, "vae/", lambda: AutoencoderKL.from_pretrained(location, subfolder="vae", **weights)
+    )
+    scheduler_config = _load(
+        source,
+        "scheduler/",
+        lambda: DDPMScheduler.load_config(location, subfolder="scheduler", **common),
+    )
+    return _finish(tokenizer, text_encoder, unet, vae, scheduler_config, cfg, source)
+
+
+def _check_folder(folder: Path, shown: str) -> None:
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        names = ", ".join(f"{m}/" for m in missing)
+        raise XTIError(
+            f"{shown}: not a complete diffusers folder, missing {names} "
+            "(a diffusers Stable Diffusion folder needs tokenizer/, text_encoder/, unet/, vae/, "
+            "scheduler/; for a single .safetensors file give the file itself)"
+        )
+
+
+def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
+    suffix = file.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not cfg.allow_pickle:
+        raise XTIError(
+            f"{shown}: {suffix} checkpoints are pickled and can run code when loaded; convert it to "
+            ".safetensors or set model.allow_pickle=true to load it (weights only)"
+        )
+    if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+        raise XTIError(
+            f"{shown}: not a model checkpoint (expected a diffusers folder, a .safetensors or "
+            ".ckpt file, or a hub id)"
+        )
+    config = cfg.single_file_config
+    offline = _offline()
+    local_config = False
+    if config is None:
+        if offline:
+            raise XTIError(
+                f"{shown}: a single-file checkpoint needs model.single_file_config (a local diffusers "
+                "folder of the same model type, e.g. a saved SD 1.5 pipeline) when offline"
+            )
+    else:
+        config_path = Path(config).expanduser()
+        if config_path.is_dir():
+            config = str(config_path)
+            local_config = True
+        elif not looks_like_hub_id(config):
+            raise XTIError(
+                f"model.single_file_config {config} does not exist (give a local diffusers folder "
+                "or a hub id)"
+            )
+        elif offline:
+            raise XTIError(
+                f"model.single_file_config {config} is not a local folder and the hub is offline "
+                "(give a local diffusers folder)"
+            )
+
+    from diffusers import StableDiffusionPipeline
+
+    # With local_files_only=True and no config, diffusers would fall back to downloading; a local
+    # config folder keeps the whole load offline.
+    pipe = _load(
+        shown,
+        "the checkpoint",
+        lambda: StableDiffusionPipeline.from_single_file(
+            str(file),
+            config=config,
+            local_files_only=local_config or offline,
+            safety_checker=None,
+            requires_safety_checker=False,
+        ),
+    )
+    return _finish(
+        pipe.tokenizer,
+        pipe.text_encoder,
+        pipe.unet,
+        pipe.vae,
+        dict(pipe.scheduler.config),
+        cfg,
+        str(file),
+    )
+
+
+def load_model(cfg: ModelConfig) -> ModelBundle:
+    """Load the model a config names.
+
+    `cfg.path` may be ``builtin:tiny-sd1`` (or another builtin, built on first use), a local diffusers
+    folder, a single ``.safetensors`` (or, with ``allow_pickle``, ``.ckpt``) checkpoint, or a hub id
+    (needs network unless cached).
+
+    Args:
+        cfg: The ``model`` section of the run config.
+
+    Returns:
+        The components as a `ModelBundle`, fp32 on CPU, eval mode, frozen.
+
+    Raises:
+        XTIError: With one line naming the path and what to do, for a missing path, an incomplete
+            folder, a refused pickle, a single file without a config when offline, or a component
+            that fails to load.
+    """
+    path = cfg.path.strip()
+    if path.startswith(BUILTIN_PREFIX):
+        folder = resolve_builtin(path)
+        assert folder is not None
+        return _load_components(str(folder), cfg, path, local=True, revision=None)
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        _check_folder(local, path)
+        return _load_components(str(local), cfg, str(local), local=True, revision=None)
+    if local.is_file():
+        return _load_single_file(local, cfg, path)
+    if local.exists():
+        raise XTIError(f"{path}: not a folder or a file")
+    if not looks_like_hub_id(path):
+        raise XTIError(
+            f"model path {path} does not exist (give a diffusers folder, a .safetensors file, "
+            "a hub id like org/name, or builtin:tiny-sd1)"
+        )
+    offline = _offline()
+    if offline and not _in_hub_cache(path, cfg.revision):
+        raise XTIError(
+            f"model path {path} is neither a local folder nor in the hub cache, and the hub is "
+            "offline (HF_HUB_OFFLINE): download it first or give a local diffusers folder"
+        )
+    return _load_components(path, cfg, path, local=offline, revision=cfg.revision)
+
+
+def load_unet_structure(path: str) -> UNet2DConditionModel:
+    """Build a model's UNet on the meta device from its config alone (no weights read).
+
+    Enough for structure questions such as the layer scheme (`xti layers`). `path` is a diffusers
+    folder, a ``builtin:`` name or a hub id (online or cached).
+    """
+    path = path.strip()
+    folder = resolve_builtin(path) if path.startswith(BUILTIN_PREFIX) else Path(path).expanduser()
+    if folder is not None and Path(folder).is_dir():
+        config_file = Path(folder) / "unet" / "config.json"
+        if not config_file.is_file():
+            raise XTIError(f"{path}: no unet/config.json (expected a diffusers model folder)")
+        config = json.loads(config_file.read_text())
+    elif looks_like_hub_id(path):
+        config = _load(
+            path, "unet config", lambda: UNet2DConditionModel.load_config(path, subfolder="unet")
+        )
+    else:
+        raise XTIError(f"model path {path} does not exist (give a diffusers folder or a hub id)")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
