@@ -19,7 +19,9 @@ def draw(seed: int) -> Image.Image:
     x0, y0 = (int(v) for v in rng.integers(4, 64 - size - 4, size=2))
     yy, xx = np.mgrid[0:size, 0:size]
     stripes = ((xx + yy) // 4) % 2 == 0
-    patch = np.where(stripes[..., None], np.array([240, 140, 20], np.uint8), np.array([90, 40, 10], np.uint8))
+    patch = np.where(
+        stripes[..., None], np.array([240, 140, 20], np.uint8), np.array([90, 40, 10], np.uint8)
+    )
     img[y0 : y0 + size, x0 : x0 + size] = patch
     return Image.fromarray(img)
 
