@@ -6,7 +6,8 @@
 
 Both modes run the same `xti.training.compute_loss` + AdamW step on the same model and batch in one
 process, alternating, so the ratio is meaningful even on a noisy machine. Also counts text-encoder
-forward calls per step (XTI encodes all L layer variants in one call). The VAE is not part of a
+forward calls per step (XTI encodes all L layer variants in one call), and times the stock UNet
+forward+backward alone as a baseline (our overhead = shared minus stock). The VAE is not part of a
 training step (latents are cached once), so random latents stand in for it.
 """
 
@@ -96,7 +97,9 @@ def main() -> None:
     )
     calls = []
     text_encoder.register_forward_hook(lambda m, a, o: calls.append(1))
+    stock_processors = dict(unet.attn_processors)
     install_processors(unet, scheme)
+    xti_processors = dict(unet.attn_processors)
 
     modes = {}
     for granularity in ("block", "shared"):
@@ -104,42 +107,73 @@ def main() -> None:
         concept = ConceptVectors(torch.randn(1, dim, generator=g) * 0.01, variants).to(device)
         modes[granularity] = (concept, torch.optim.AdamW(concept.parameters(), lr=1e-3), variants)
 
-    def step(granularity: str) -> tuple[float, int]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def xti_step(granularity: str) -> tuple[float, int]:
         concept, opt, variants = modes[granularity]
         handle = install_token_embedding(text_encoder, tokens.first_id, concept)
         m = StepModels(unet, text_encoder, scheduler, tokens, layer_variants(len(scheme), granularity).to(device),
                        variants, "epsilon", dtype)  # fmt: skip
         calls.clear()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _ = compute_loss(m, batch, concept())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         handle.remove()
         return time.perf_counter() - t, len(calls)
 
-    times: dict[str, list[float]] = {"block": [], "shared": []}
+    def stock_step() -> tuple[float, int]:
+        """Baseline: the stock UNet and processors, gradient to one context tensor, no text encoder."""
+        unet.set_attn_processor(dict(stock_processors))
+        ctx = (
+            torch.randn(args.batch, ids.shape[1], dim, generator=g)
+            .to(device, dtype)
+            .requires_grad_(True)
+        )
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps).to(dtype)
+            pred = unet(noisy, batch.timesteps, encoder_hidden_states=ctx).sample
+        (pred.float() - batch.noise).pow(2).mean().backward()
+        sync()
+        dt = time.perf_counter() - t
+        unet.set_attn_processor(dict(xti_processors))
+        return dt, 0
+
+    runners = {
+        "block": lambda: xti_step("block"),
+        "shared": lambda: xti_step("shared"),
+        "stock": stock_step,
+    }
+    times: dict[str, list[float]] = {mode: [] for mode in runners}
     n_calls: dict[str, int] = {}
-    for mode in times:
-        step(mode)  # warm-up
+    for run in runners.values():
+        run()  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.steps):
-        for mode in times:
-            dt, n_calls[mode] = step(mode)
+        for mode, run in runners.items():
+            dt, n_calls[mode] = run()
             times[mode].append(dt)
     print(
-        f"{'mode':<8} {'layers':>6} {'median s/step':>14} {'min':>8} {'text-encoder calls/step':>24}"
+        f"{'mode':<22} {'vector sets':>11} {'median s/step':>14} {'min':>8} {'text-encoder calls/step':>24}"
     )
-    for mode, label in (("block", "xti"), ("shared", "shared")):
+    rows = (
+        ("block", "xti", len(scheme)),
+        ("shared", "shared (TI)", 1),
+        ("stock", "stock UNet fwd+bwd only", 0),
+    )
+    for mode, label, sets in rows:
         ts = times[mode]
         print(
-            f"{label:<8} {modes[mode][2]:>6} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {n_calls[mode]:>24}"
+            f"{label:<22} {sets:>11} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {n_calls[mode]:>24}"
         )
     ratio = statistics.median(times["block"]) / statistics.median(times["shared"])
     print(f"xti / shared step-time ratio: {ratio:.2f}")

@@ -50,7 +50,7 @@ from xti.embeddings import (
     tokenize,
 )
 from xti.errors import XTIError
-from xti.export import build_metadata, save_embedding_file
+from xti.export import atomic_write_bytes, build_metadata, save_embedding_file
 from xti.kde import KDERegularizer
 from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
@@ -637,7 +637,7 @@ def train(
                 kde, raw_concept.vectors, variant_of_layer, layer_names, bundle.tokenizer
             ),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     accelerator.end_training()
     processors.remove()
     handle.remove()
