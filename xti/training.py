@@ -394,7 +394,9 @@ def train(
     for model in (unet, text_encoder):
         model.requires_grad_(False)
         model.eval()
-        model.to(device, dtype=dtype)
+        model.to(device)
+        if dtype != torch.float32:  # casting fp32 to fp32 makes diffusers log a spurious warning
+            model.to(dtype=dtype)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
