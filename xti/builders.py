@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from xti.errors import XTIError
 from xti.tokenizer import (
@@ -185,6 +185,33 @@ SD2_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 """Scheduler config shipped with SD 2.1 768-v (DDIM, v-prediction)."""
 
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+"""UNet of stabilityai/stable-diffusion-xl-base-1.0: 11 Transformer2DModels, 70 transformer blocks."""
+
 # --------------------------------------------------------------------------------------------------
 # Tiny model settings
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +258,37 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "scaling_factor": 0.18215,
 }
 """Tiny AutoencoderKL: 32x32 images to 16x16x4 latents."""
+
+
+TINY_SDXL_TEXT_CONFIG: dict[str, Any] = dict(
+    TINY_TEXT_CONFIG, hidden_size=32, hidden_act="quick_gelu"
+)
+"""First tiny SDXL text encoder (the CLIP-L slot): hidden 32."""
+
+TINY_SDXL_TEXT2_CONFIG: dict[str, Any] = dict(
+    TINY_TEXT_CONFIG, hidden_size=48, intermediate_size=96, projection_dim=48, hidden_act="gelu"
+)
+"""Second tiny SDXL text encoder (the OpenCLIP-bigG slot, with projection): hidden 48."""
+
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 32, 64],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 1, 2],
+    "norm_num_groups": 8,
+    "attention_head_dim": 2,
+    "use_linear_projection": True,
+    "cross_attention_dim": 32 + 48,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 48,
+}
+"""Tiny UNet in the SDXL layout: 11 Transformer2DModels, 17 transformer blocks (block/transformer
+granularity differ), text_time added conditioning fed by the second encoder's pooled output."""
 
 
 def tiny_scheduler_config(
@@ -301,6 +359,68 @@ def build_vae(config: dict[str, Any], seed: int = 0) -> AutoencoderKL:
     with _seeded(seed):
         vae = AutoencoderKL.from_config(_clean(config))
     return vae.eval()
+
+
+def build_text_encoder_with_projection(
+    config: dict[str, Any], seed: int = 0
+) -> CLIPTextModelWithProjection:
+    """Build a CLIPTextModelWithProjection (SDXL's second encoder) with random weights."""
+    with _seeded(seed):
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**_clean(config)))
+    return model.eval()
+
+
+def build_tiny_sdxl_components(*, seed: int = 0) -> dict[str, Any]:
+    """The tiny SDXL model's components in memory (StableDiffusionXLPipeline keyword arguments)."""
+    tokenizer_2 = build_clip_tokenizer()
+    return {
+        "tokenizer": build_clip_tokenizer(),
+        "tokenizer_2": tokenizer_2,
+        "text_encoder": build_text_encoder(TINY_SDXL_TEXT_CONFIG, seed),
+        "text_encoder_2": build_text_encoder_with_projection(TINY_SDXL_TEXT2_CONFIG, seed + 3),
+        "unet": build_unet(TINY_SDXL_UNET_CONFIG, seed + 1),
+        "vae": build_vae(TINY_VAE_CONFIG, seed + 2),
+        "scheduler": DDPMScheduler.from_config(tiny_scheduler_config("epsilon")),
+    }
+
+
+def _sdxl_model_index() -> dict[str, Any]:
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def build_tiny_sdxl(folder: str | Path, *, seed: int = 0, overwrite: bool = True) -> Path:
+    """Write a tiny random-weight ``StableDiffusionXLPipeline`` folder (two CLIP encoders, 11
+    cross-attention blocks, text_time conditioning), atomically like `build_tiny_sd1`."""
+    folder = Path(folder).expanduser()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        parts = build_tiny_sdxl_components(seed=seed)
+        save_clip_tokenizer(tmp / "tokenizer")
+        save_clip_tokenizer(tmp / "tokenizer_2")
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae", "scheduler"):
+            parts[name].save_pretrained(str(tmp / name))
+        (tmp / "model_index.json").write_text(json.dumps(_sdxl_model_index(), indent=2) + "\n")
+        _replace_dir(tmp, folder, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _model_index() -> dict[str, Any]:
@@ -413,6 +533,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS: dict[str, dict[str, Any]] = {
     "tiny-sd1": {"seed": 0, "prediction_type": "epsilon"},
     "tiny-sd1-v": {"seed": 0, "prediction_type": "v_prediction"},
+    "tiny-sdxl": {"seed": 0, "sdxl": True},
 }
 """Known builtin models and the `build_tiny_sd1` arguments that make them."""
 
@@ -455,7 +576,11 @@ def resolve_builtin(path: str) -> Path | None:
     if folder.exists():  # not ours or damaged: rebuild
         shutil.rmtree(folder, ignore_errors=True)
     try:
-        build_tiny_sd1(folder, overwrite=False, **BUILTINS[name])
+        args = dict(BUILTINS[name])
+        if args.pop("sdxl", False):
+            build_tiny_sdxl(folder, overwrite=False, **args)
+        else:
+            build_tiny_sd1(folder, overwrite=False, **args)
     except OSError as err:
         if (folder / "model_index.json").is_file():  # another process finished first
             return folder

@@ -27,7 +27,7 @@ class ModelConfig(_Section):
         "builtin:tiny-sd1",
         description="Diffusers folder, single .safetensors/.ckpt file, hub id, or builtin:tiny-sd1.",
     )
-    family: Literal["auto", "sd1", "sd2"] = Field(
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
         "auto", description="Model family; auto detects it from the components."
     )
     single_file_config: str | None = Field(
@@ -114,6 +114,10 @@ class XTISection(_Section):
     granularity: Literal["block", "transformer", "shared"] = Field(
         "block",
         description="block: one vector set per cross-attention block (XTI); transformer: per transformer block; shared: one set for all (classic TI).",
+    )
+    pooled: Literal["slot", "mean"] = Field(
+        "slot",
+        description="SDXL pooled text_embeds: from an extra POOL vector set of the second encoder (slot) or the mean over layer variants (mean).",
     )
 
 

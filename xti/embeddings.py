@@ -212,3 +212,71 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
         max_length=tokenizer.model_max_length,
         return_tensors="pt",
     ).input_ids
+
+
+class ConceptSet(nn.Module):
+    """One concept's trainable vectors for each text encoder, keyed by encoder name (``text`` for
+    SD 1.x/2.x, ``clip_l`` and ``clip_g`` for SDXL). `forward()` returns ``{name: [V, n, d]}``."""
+
+    def __init__(self, vectors: dict[str, ConceptVectors]) -> None:
+        super().__init__()
+        self.sets = nn.ModuleDict(vectors)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return {name: module.vectors for name, module in self.sets.items()}
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(module.vectors.shape) for name, module in self.sets.items()}
+
+
+def eos_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Index of the first EOS token of each row (added tokens have larger ids, so not ``argmax``)."""
+    is_eos = input_ids == eos_id
+    if not bool(is_eos.any(dim=-1).all()):
+        raise XTIError(
+            "a tokenized prompt has no end-of-text token; tokenize with padding to max length"
+        )
+    return is_eos.int().argmax(dim=-1)
+
+
+def pooled_text_embeds(
+    text_encoder_2: nn.Module, last_hidden_state: torch.Tensor, input_ids: torch.Tensor, eos_id: int
+) -> torch.Tensor:
+    """SDXL's pooled ``text_embeds``: the projected final hidden state at the true EOS position."""
+    rows = torch.arange(input_ids.shape[0], device=last_hidden_state.device)
+    pooled = last_hidden_state[rows, eos_positions(input_ids, eos_id).to(last_hidden_state.device)]
+    return text_encoder_2.text_projection(pooled)
+
+
+def encode_sdxl_per_layer(
+    text_encoders: tuple[nn.Module, nn.Module],
+    input_ids: tuple[torch.Tensor, torch.Tensor],
+    tokens: tuple[PlaceholderTokens, PlaceholderTokens],
+    variant_of_layer: torch.Tensor,
+    num_variants: int,
+    eos_id: int,
+    pooled: str = "slot",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL per-layer contexts and pooled embeddings (DESIGN §5), one call per text encoder.
+
+    Each layer's context is the concatenation of both encoders' penultimate hidden states for that
+    layer's variant: ``[L, B, T, D1 + D2]``. The pooled ``text_embeds`` ``[B, P]`` come from the
+    second encoder's extra ``POOL`` variant (index ``num_variants``; ``pooled="slot"``) or from the
+    mean over its layer variants (``pooled="mean"``).
+    """
+    te1, te2 = text_encoders
+    ids1, ids2 = input_ids
+    tok1, tok2 = tokens
+    batch, length = ids1.shape
+    v2 = num_variants + 1 if pooled == "slot" else num_variants
+    var1 = variant_ids(ids1, tok1.first_id, tok1.n_vectors, num_variants).reshape(-1, length)
+    var2 = variant_ids(ids2, tok2.first_id, tok2.n_vectors, v2).reshape(-1, length)
+    h1 = te1(var1, output_hidden_states=True).hidden_states[-2]
+    out2 = te2(var2, output_hidden_states=True)
+    h2 = out2.hidden_states[-2].reshape(v2, batch, length, -1)[:num_variants]
+    pooled_all = pooled_text_embeds(te2, out2.last_hidden_state, var2, eos_id).reshape(
+        v2, batch, -1
+    )
+    pooled_out = pooled_all[num_variants] if pooled == "slot" else pooled_all.mean(0)
+    contexts = torch.cat([h1.reshape(num_variants, batch, length, -1), h2.to(h1.dtype)], dim=-1)
+    return contexts[variant_of_layer.to(contexts.device)], pooled_out

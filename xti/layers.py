@@ -68,12 +68,20 @@ class LayerScheme:
         }
 
     def group(self, group: str) -> list[int]:
-        """Indices of a named group (DESIGN §2): all, down, mid, up, coarse, fine."""
+        """Indices of a named group (DESIGN §2): all, down, mid, up, coarse, fine.
+
+        ``coarse`` is the lower-resolution half of the spatial levels that carry layers, ``fine``
+        the rest.
+        """
         if group == "all":
             return list(range(len(self)))
         if group in ("down", "mid", "up"):
             return [i for i, layer in enumerate(self.layers) if layer.part == group]
-        coarse = [i for i, layer in enumerate(self.layers) if layer.level >= self.num_levels - 2]
+        # The lower-resolution half of the levels that carry layers: SD1.x/SD2.x levels 0-3 give
+        # levels 2-3 (IN07, IN08, MID, OUT03-OUT05, as in DESIGN §2); SDXL levels 1-2 give level 2.
+        levels = sorted({layer.level for layer in self.layers})
+        coarse_levels = set(levels[len(levels) - max(1, len(levels) // 2) :])
+        coarse = [i for i, layer in enumerate(self.layers) if layer.level in coarse_levels]
         if group == "coarse":
             return coarse
         if group == "fine":

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from xti.builders import BUILTIN_PREFIX, resolve_builtin
 from xti.config import ModelConfig
@@ -29,7 +29,7 @@ from xti.errors import XTIError
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd1", "sd2"]
+Family = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -54,9 +54,12 @@ class ModelBundle:
         vae: Autoencoder, fp32, eval, frozen.
         noise_scheduler: Training scheduler built from the model's scheduler config (keeps
             prediction_type, rescale_betas_zero_snr, timestep spacing and the beta schedule).
-        family: ``sd1`` (768-wide CLIP-L conditioning) or ``sd2`` (1024-wide OpenCLIP-H).
+        family: ``sd1`` (768-wide CLIP-L conditioning), ``sd2`` (1024-wide OpenCLIP-H) or
+            ``sdxl`` (two text encoders, text_time added conditioning).
         prediction_type: What the UNet predicts: ``epsilon`` or ``v_prediction``.
         source: What was loaded (the configured path or hub id), for metadata.
+        tokenizer_2: SDXL's second tokenizer (None for SD 1.x/2.x).
+        text_encoder_2: SDXL's second text encoder, with projection (None for SD 1.x/2.x).
     """
 
     tokenizer: CLIPTokenizer
@@ -67,6 +70,19 @@ class ModelBundle:
     family: Family
     prediction_type: PredictionType
     source: str
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def text_encoders(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel]]:
+        """``(name, tokenizer, text encoder)`` per encoder: ``text`` for SD 1.x/2.x, ``clip_l`` and
+        ``clip_g`` for SDXL (the names of the embedding file's keys, DESIGN §6)."""
+        if self.text_encoder_2 is None:
+            return [("text", self.tokenizer, self.text_encoder)]
+        return [
+            ("clip_l", self.tokenizer, self.text_encoder),
+            ("clip_g", self.tokenizer_2, self.text_encoder_2),
+        ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,21 +99,21 @@ def _cross_attention_dim(unet: Any) -> int | None:
 
 
 def detect_family(text_encoder: Any | None, unet: Any | None) -> Family:
-    """Tell SD 1.x from SD 2.x by the width of the text conditioning.
+    """Tell SD 1.x, SD 2.x and SDXL apart.
 
-    A width of 1024 (OpenCLIP-H) means ``sd2``; 768 (CLIP-L) and anything else (tiny test models)
-    mean ``sd1``, whose layer layout is the same.
+    A UNet with ``text_time`` added conditioning is ``sdxl``. Otherwise a conditioning width of 1024
+    (OpenCLIP-H) means ``sd2``; 768 (CLIP-L) and anything else (tiny test models) mean ``sd1``,
+    whose layer layout is the same.
 
     Args:
         text_encoder: A CLIPTextModel (or anything with ``config.hidden_size``), or None.
         unet: A UNet2DConditionModel (or anything with ``config.cross_attention_dim``), or None.
 
     Raises:
-        XTIError: When the UNet is an SDXL UNet, or the text encoder width does not match the UNet's
-            cross-attention width.
+        XTIError: When the text encoder width does not match the UNet's cross-attention width.
     """
     if unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time":
-        raise XTIError("this UNet is an SDXL UNet; xti loads SD 1.x and 2.x models only")
+        return "sdxl"
     text_dim = (
         getattr(text_encoder.config, "hidden_size", None) if text_encoder is not None else None
     )
@@ -189,8 +205,12 @@ def _finish(
     scheduler_config: dict[str, Any],
     cfg: ModelConfig,
     source: str,
+    tokenizer_2: CLIPTokenizer | None = None,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> ModelBundle:
-    for model in (text_encoder, unet, vae):
+    for model in (text_encoder, unet, vae, text_encoder_2):
+        if model is None:
+            continue
         if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
             model.to(device="cpu", dtype=torch.float32)
         model.eval()
@@ -214,6 +234,8 @@ def _finish(
         family=family,
         prediction_type=_prediction_type(noise_scheduler, source),
         source=source,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
     )
 
 
@@ -250,11 +272,56 @@ def _load_components(
         "scheduler/",
         lambda: DDPMScheduler.load_config(location, subfolder="scheduler", **common),
     )
-    return _finish(tokenizer, text_encoder, unet, vae, scheduler_config, cfg, source)
+    tokenizer_2 = text_encoder_2 = None
+    if _is_sdxl_layout(location, common):
+        tokenizer_2 = _load(
+            source,
+            "tokenizer_2/",
+            lambda: CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **common),
+        )
+        text_encoder_2 = _load(
+            source,
+            "text_encoder_2/",
+            lambda: CLIPTextModelWithProjection.from_pretrained(
+                location, subfolder="text_encoder_2", **weights
+            ),
+        )
+    return _finish(
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler_config,
+        cfg,
+        source,
+        tokenizer_2,
+        text_encoder_2,
+    )
+
+
+def _is_sdxl_layout(location: str, common: dict[str, Any]) -> bool:
+    """Whether a diffusers folder or repo has SDXL's second text encoder (from model_index.json)."""
+    folder = Path(location)
+    if folder.is_dir():
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            return (folder / "text_encoder_2").is_dir()
+        index = json.loads(index_file.read_text())
+    else:
+        from diffusers import DiffusionPipeline
+
+        index = _load(
+            location, "model_index.json", lambda: DiffusionPipeline.load_config(location, **common)
+        )
+    entry = index.get("text_encoder_2")
+    return isinstance(entry, (list, tuple)) and entry[0] is not None
 
 
 def _check_folder(folder: Path, shown: str) -> None:
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    needed = COMPONENTS + (
+        ("tokenizer_2", "text_encoder_2") if _is_sdxl_layout(str(folder), {}) else ()
+    )
+    missing = [c for c in needed if not (folder / c).is_dir()]
     if missing:
         names = ", ".join(f"{m}/" for m in missing)
         raise XTIError(
@@ -301,19 +368,21 @@ def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
                 "(give a local diffusers folder)"
             )
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    sdxl = local_config and _is_sdxl_layout(str(config), {})
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     # With local_files_only=True and no config, diffusers would fall back to downloading; a local
     # config folder keeps the whole load offline.
     pipe = _load(
         shown,
         "the checkpoint",
-        lambda: StableDiffusionPipeline.from_single_file(
+        lambda: pipeline_class.from_single_file(
             str(file),
             config=config,
             local_files_only=local_config or offline,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **extra,
         ),
     )
     return _finish(
@@ -324,6 +393,8 @@ def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
         dict(pipe.scheduler.config),
         cfg,
         str(file),
+        getattr(pipe, "tokenizer_2", None),
+        getattr(pipe, "text_encoder_2", None),
     )
 
 

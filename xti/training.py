@@ -40,10 +40,12 @@ from xti.data import (
     prompts_per_image,
 )
 from xti.embeddings import (
+    ConceptSet,
     ConceptVectors,
     PlaceholderTokens,
     add_placeholder_tokens,
     encode_per_layer,
+    encode_sdxl_per_layer,
     initializer_vectors,
     install_token_embedding,
     layer_variants,
@@ -73,29 +75,55 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 
 @dataclass
 class Batch:
-    """One process's share of a micro-step: latents, noise, timesteps and prompt ids."""
+    """One process's share of a micro-step: latents, noise, timesteps and prompt ids.
+
+    SDXL batches also carry the second tokenizer's ids and the per-sample ``time_ids`` (original
+    size, crop top-left, target size).
+    """
 
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
     input_ids: torch.Tensor
     image_ids: torch.Tensor
+    input_ids_2: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()
+        }
+        return Batch(**moved)
 
 
 @dataclass
 class PromptTable:
-    """All prompts tokenized once: ``ids[P, T]`` and, per image, the rows it may use."""
+    """All prompts tokenized once: ``ids[P, T]`` and, per image, the rows it may use.
+
+    ``ids_2`` holds the same prompts through SDXL's second tokenizer (None otherwise).
+    """
 
     ids: torch.Tensor
     first_row: torch.Tensor  # [num_images] first row of each image's prompts
     count: torch.Tensor  # [num_images] number of prompts of each image
+    ids_2: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, tokenizer, prompts: list[list[str]], tokens: PlaceholderTokens) -> PromptTable:
-        flat = [tokens.expand(p) for per_image in prompts for p in per_image]
+    def build(
+        cls,
+        tokenizer,
+        prompts: list[list[str]],
+        tokens: PlaceholderTokens,
+        tokenizer_2=None,
+        tokens_2: PlaceholderTokens | None = None,
+    ) -> PromptTable:
+        flat = [p for per_image in prompts for p in per_image]
         count = torch.tensor([len(p) for p in prompts])
         first = torch.cumsum(count, 0) - count
-        return cls(tokenize(tokenizer, flat), first, count)
+        ids_2 = None
+        if tokenizer_2 is not None and tokens_2 is not None:
+            ids_2 = tokenize(tokenizer_2, [tokens_2.expand(p) for p in flat])
+        return cls(tokenize(tokenizer, [tokens.expand(p) for p in flat]), first, count, ids_2)
 
 
 def sample_batch(
@@ -110,8 +138,12 @@ def sample_batch(
     micro_step: int,
     flip_p: float,
     noise_offset: float = 0.0,
+    resolution: int | None = None,
 ) -> Batch:
-    """Draw the global batch of a micro-step and return this process's slice."""
+    """Draw the global batch of a micro-step and return this process's slice.
+
+    With `resolution` and a cache that knows crop positions, the batch carries SDXL ``time_ids``.
+    """
     g = step_generator(seed, micro_step)
     num_images = len(prompts.count)
     image_ids = torch.randint(num_images, (global_batch,), generator=g)
@@ -123,9 +155,23 @@ def sample_batch(
     if noise_offset > 0:
         noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
     timesteps = torch.randint(0, num_train_timesteps, (global_batch,), generator=g)
+    time_ids = None
+    original = getattr(cache, "original_size", None)
+    if resolution is not None and original is not None:
+        target = torch.tensor([resolution, resolution]).expand(global_batch, 2)
+        time_ids = torch.cat([original[aug], cache.crop_top_left[aug], target], dim=1).float()
     per = global_batch // world_size
     s = slice(rank * per, (rank + 1) * per)
-    return Batch(latents[s], noise[s], timesteps[s], prompts.ids[rows][s], image_ids[s])
+    ids_2 = prompts.ids_2[rows][s] if prompts.ids_2 is not None else None
+    return Batch(
+        latents[s],
+        noise[s],
+        timesteps[s],
+        prompts.ids[rows][s],
+        image_ids[s],
+        ids_2,
+        time_ids[s] if time_ids is not None else None,
+    )
 
 
 def diffusion_target(
@@ -169,7 +215,11 @@ def diffusion_loss(
 
 @dataclass
 class StepModels:
-    """The frozen models and concept wiring that one step needs."""
+    """The frozen models and concept wiring that one step needs.
+
+    For SDXL, ``text_encoder_2``/``tokens_2`` are the second encoder, ``pooled`` says where the
+    pooled ``text_embeds`` come from (``slot`` or ``mean``) and ``eos_id`` is its tokenizer's EOS.
+    """
 
     unet: nn.Module
     text_encoder: nn.Module
@@ -179,39 +229,59 @@ class StepModels:
     num_variants: int
     prediction_type: str
     dtype: torch.dtype = torch.float32
+    text_encoder_2: nn.Module | None = None
+    tokens_2: PlaceholderTokens | None = None
+    pooled: str = "slot"
+    eos_id: int = 49407
 
 
 def compute_loss(
     m: StepModels,
     batch: Batch,
-    vectors: torch.Tensor,
+    vectors: torch.Tensor | dict[str, torch.Tensor],
     *,
-    kde: nn.Module | None = None,
+    kde: nn.Module | dict[str, nn.Module] | None = None,
     kde_weight: float = 0.0,
     snr_gamma: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss of one micro-step: diffusion MSE + kde_weight · mean KDE of the vectors.
 
     Args:
-        m: models and concept wiring (the text encoder must carry the concept token embedding).
+        m: models and concept wiring (the text encoders must carry the concept token embedding).
         batch: this process's batch, on the models' device.
-        vectors: the ``[V, n, d]`` trainable vectors (the KDE term reads them).
-        kde: the KDE regulariser, or None.
+        vectors: the ``[V, n, d]`` trainable vectors (the KDE term reads them), or one such tensor
+            per text encoder, keyed like `kde`.
+        kde: the KDE regulariser (or one per text encoder, keyed by encoder name), or None.
         kde_weight: λ; with 0 the KDE value is still reported but does not enter the loss.
         snr_gamma: min-SNR gamma, or None for plain MSE.
 
     Returns:
-        The scalar loss and a dict of detached parts (``mse``, ``kde``, ``kde_per_vector``).
+        The scalar loss and a dict of detached parts: ``mse``, ``kde`` (summed over encoders) and
+        ``kde_per_vector`` (``{encoder: [V, n]}``).
     """
-    contexts = encode_per_layer(
-        m.text_encoder, batch.input_ids, m.tokens, m.variant_of_layer, m.num_variants
-    )
+    added_cond = None
+    if m.text_encoder_2 is None:
+        contexts = encode_per_layer(
+            m.text_encoder, batch.input_ids, m.tokens, m.variant_of_layer, m.num_variants
+        )
+    else:
+        contexts, pooled = encode_sdxl_per_layer(
+            (m.text_encoder, m.text_encoder_2),
+            (batch.input_ids, batch.input_ids_2),
+            (m.tokens, m.tokens_2),
+            m.variant_of_layer,
+            m.num_variants,
+            m.eos_id,
+            m.pooled,
+        )
+        added_cond = {"text_embeds": pooled.to(m.dtype), "time_ids": batch.time_ids.to(m.dtype)}
     contexts = contexts.to(m.dtype)
     noisy = m.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     pred = m.unet(
         noisy.to(m.dtype),
         batch.timesteps,
         encoder_hidden_states=contexts[0],
+        added_cond_kwargs=added_cond,
         cross_attention_kwargs={"xti_contexts": contexts},
     ).sample
     target = diffusion_target(
@@ -221,18 +291,23 @@ def compute_loss(
     if snr_gamma is not None:
         weights = snr_weights(snr(m.scheduler, batch.timesteps), snr_gamma, m.prediction_type)
     mse = diffusion_loss(pred, target, weights)
-    parts: dict[str, torch.Tensor] = {"mse": mse.detach()}
+    parts: dict[str, Any] = {"mse": mse.detach()}
     loss = mse
     if kde is not None:
-        flat = vectors.reshape(-1, vectors.shape[-1])
+        kdes = kde if isinstance(kde, dict) else {"text": kde}
+        vecs = vectors if isinstance(vectors, dict) else {"text": vectors}
+        total = torch.zeros((), device=mse.device)
+        per_vector = {}
+        for name, reg in kdes.items():
+            v = vecs[name]
+            with torch.set_grad_enabled(kde_weight > 0 and torch.is_grad_enabled()):
+                values = reg(v.reshape(-1, v.shape[-1]))
+            total = total + values.mean()
+            per_vector[name] = values.detach().reshape(v.shape[:-1])
         if kde_weight > 0:
-            values = kde(flat)
-            loss = loss + kde_weight * values.mean()
-        else:
-            with torch.no_grad():
-                values = kde(flat)
-        parts["kde"] = values.detach().mean()
-        parts["kde_per_vector"] = values.detach().reshape(vectors.shape[:-1])
+            loss = loss + kde_weight * total
+        parts["kde"] = total.detach()
+        parts["kde_per_vector"] = per_vector
     return loss, parts
 
 
@@ -246,12 +321,13 @@ class TrainResult:
     output_file: Path | None
     steps: int
     losses: list[tuple[int, float]] = field(default_factory=list)
-    vectors: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None  # the first (SD 1.x/2.x: only) encoder's [V, n, d]
     layer_names: list[str] = field(default_factory=list)
     world_size: int = 1
     ranks_in_sync: bool = True
     seconds: float = 0.0
     trainable_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    all_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -290,11 +366,25 @@ def _check_resolution(cfg: Config, vae) -> None:
 
 
 def export_vectors(
-    vectors: torch.Tensor, variant_of_layer: torch.Tensor, scheme: LayerScheme
+    vectors: dict[str, torch.Tensor],
+    variant_of_layer: torch.Tensor,
+    scheme: LayerScheme,
+    num_variants: int,
 ) -> dict[str, torch.Tensor]:
-    """Per-layer ``{name: [n, d]}`` fp32 tensors from ``[V, n, d]`` variant vectors."""
-    v = vectors.detach().float().cpu()
-    return {name: v[int(variant_of_layer[i])].clone() for i, name in enumerate(scheme.names)}
+    """The embedding file's tensors (DESIGN §6) from ``{encoder: [V(+1), n, d]}`` vectors.
+
+    SD 1.x/2.x (one encoder, ``text``): ``{layer: [n, d]}``. SDXL: ``{"clip_l.<layer>": …,
+    "clip_g.<layer>": …}`` plus ``clip_g.POOL`` when the second encoder has the extra slot.
+    """
+    out: dict[str, torch.Tensor] = {}
+    prefix = len(vectors) > 1
+    for enc, tensor in vectors.items():
+        v = tensor.detach().float().cpu()
+        for i, layer in enumerate(scheme.names):
+            out[f"{enc}.{layer}" if prefix else layer] = v[int(variant_of_layer[i])].clone()
+        if v.shape[0] > num_variants:
+            out[f"{enc}.POOL"] = v[num_variants].clone()
+    return out
 
 
 def train(
@@ -335,17 +425,34 @@ def train(
     if bundle is None:
         bundle = load_model(cfg.model)
     _check_resolution(cfg, bundle.vae)
-    tokens = add_placeholder_tokens(
-        bundle.tokenizer, cfg.concept.placeholder, cfg.concept.n_vectors
-    )
-    embedding = bundle.text_encoder.get_input_embeddings()
-    init = initializer_vectors(
-        bundle.tokenizer, embedding, cfg.concept.initializer, cfg.concept.n_vectors
-    )
+    encoders = bundle.text_encoders  # [(name, tokenizer, text encoder)]: one, or two for SDXL
+    tokens = {
+        name: add_placeholder_tokens(tok, cfg.concept.placeholder, cfg.concept.n_vectors)
+        for name, tok, _ in encoders
+    }
+    embeddings = {name: te.get_input_embeddings() for name, _, te in encoders}
+    inits = {
+        name: initializer_vectors(
+            tok, embeddings[name], cfg.concept.initializer, cfg.concept.n_vectors
+        )
+        for name, tok, _ in encoders
+    }
     granularity = cfg.xti.granularity
-    scheme = layer_scheme(bundle.unet, "transformer" if granularity == "transformer" else "block")
+    sdxl = bundle.family == "sdxl"
+    if granularity == "transformer" or not sdxl:
+        scheme = layer_scheme(
+            bundle.unet, "transformer" if granularity == "transformer" else "block"
+        )
+    else:
+        scheme = layer_scheme(bundle.unet, "block")
     variant_of_layer = layer_variants(len(scheme), granularity)
     num_variants = 1 if granularity == "shared" else len(scheme)
+    pooled = cfg.xti.pooled
+    # SDXL's second encoder has one more vector set, the POOL slot, when pooled comes from it.
+    variants_per_encoder = {
+        name: num_variants + (1 if sdxl and pooled == "slot" and name == "clip_g" else 0)
+        for name, _, _ in encoders
+    }
     resume_from = None
     if tc.resume:
         resume_from = (
@@ -387,11 +494,13 @@ def train(
     prompts = PromptTable.build(
         bundle.tokenizer,
         prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
-        tokens,
+        tokens[encoders[0][0]],
+        bundle.tokenizer_2,
+        tokens.get("clip_g"),
     )
 
-    unet, text_encoder = bundle.unet, bundle.text_encoder
-    for model in (unet, text_encoder):
+    unet = bundle.unet
+    for model in (unet, *(te for _, _, te in encoders)):
         model.requires_grad_(False)
         model.eval()
         model.to(device)
@@ -400,18 +509,27 @@ def train(
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    concept = ConceptVectors(init, num_variants)
+    concept = ConceptSet(
+        {name: ConceptVectors(inits[name], variants_per_encoder[name]) for name, _, _ in encoders}
+    )
     raw_concept = concept
-    # The text encoder reads the raw parameter; the wrapped module's forward is called once per step
-    # so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate once.
-    handle = install_token_embedding(text_encoder, tokens.first_id, lambda: raw_concept.vectors)
+    # Each text encoder reads its raw parameter; the wrapped module's forward is called once per
+    # step so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate once.
+    handles = [
+        install_token_embedding(
+            te, tokens[name].first_id, lambda n=name: raw_concept.sets[n].vectors
+        )
+        for name, _, te in encoders
+    ]
     processors = install_processors(unet, scheme)
 
     # KDE values are always logged; they enter the loss only when kde.weight > 0.
-    kde = KDERegularizer.from_embedding(
-        embedding.weight, bundle.tokenizer.all_special_ids, cfg.kde.bandwidth
-    )
-    kde.to(device)
+    kdes = {
+        name: KDERegularizer.from_embedding(
+            embeddings[name].weight, tok.all_special_ids, cfg.kde.bandwidth
+        ).to(device)
+        for name, tok, _ in encoders
+    }
 
     lr = tc.lr * (tc.batch_size * tc.gradient_accumulation_steps * world if tc.scale_lr else 1)
     optimizer = torch.optim.AdamW(
@@ -433,22 +551,27 @@ def train(
 
     models = StepModels(
         unet=unet,
-        text_encoder=text_encoder,
+        text_encoder=bundle.text_encoder,
         scheduler=bundle.noise_scheduler,
-        tokens=tokens,
+        tokens=tokens[encoders[0][0]],
         variant_of_layer=variant_of_layer.to(device),
         num_variants=num_variants,
         prediction_type=bundle.prediction_type,
         dtype=dtype,
+        text_encoder_2=bundle.text_encoder_2,
+        tokens_2=tokens.get("clip_g"),
+        pooled=pooled,
+        eos_id=bundle.tokenizer_2.eos_token_id if sdxl else bundle.tokenizer.eos_token_id,
     )
 
     start_step = 0
     if resume_from is not None:
         state = json.loads((resume_from / CHECKPOINT_STATE).read_text())
-        if list(state["shape"]) != list(raw_concept.vectors.shape):
+        if state["shape"] != raw_concept.shapes():
             raise XTIError(
                 f"train.resume: checkpoint {resume_from} holds vectors of shape {state['shape']}, "
-                f"this config makes {list(raw_concept.vectors.shape)} (placeholder, n_vectors or granularity changed?)"
+                f"this config makes {raw_concept.shapes()} (placeholder, n_vectors or granularity "
+                "changed?)"
             )
         accelerator.load_state(str(resume_from))
         start_step = int(state["step"])
@@ -464,17 +587,16 @@ def train(
         n_vectors=cfg.concept.n_vectors,
         family=bundle.family,
         base_model=bundle.source,
-        text_dims={"clip_l": int(init.shape[-1])}
-        if bundle.family == "sd1"
-        else {"text": int(init.shape[-1])},
+        text_dims={name: int(inits[name].shape[-1]) for name, _, _ in encoders},
         kde_weight=cfg.kde.weight,
     )
 
+    extra = {"xti.pooled": pooled} if sdxl else None
+
     def export(path: Path, steps: int) -> Path:
-        meta = build_metadata(**metadata_common, steps=steps, title=name)
-        return save_embedding_file(
-            path, export_vectors(raw_concept.vectors, variant_of_layer, scheme), meta
-        )
+        meta = build_metadata(**metadata_common, steps=steps, title=name, extra=extra)
+        vectors = export_vectors(raw_concept(), variant_of_layer, scheme, num_variants)
+        return save_embedding_file(path, vectors, meta)
 
     def checkpoint(step: int) -> None:
         folder = out / "checkpoints"
@@ -489,7 +611,7 @@ def train(
         if is_main:
             state = {
                 "step": step,
-                "shape": list(raw_concept.vectors.shape),
+                "shape": raw_concept.shapes(),
                 "config": cfg.model_dump(mode="json"),
             }
             (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
@@ -543,19 +665,8 @@ def train(
                     micro_step=step * accum + micro,
                     flip_p=cfg.data.flip_p,
                     noise_offset=tc.noise_offset,
-                )
-                batch = Batch(
-                    *(
-                        t.to(device)
-                        for t in (
-                            batch.latents,
-                            batch.noise,
-                            batch.timesteps,
-                            batch.input_ids,
-                            batch.image_ids,
-                        )
-                    )
-                )
+                    resolution=tc.resolution if sdxl else None,
+                ).to(device)
                 sync = (
                     contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(concept)
                 )
@@ -566,7 +677,7 @@ def train(
                             models,
                             batch,
                             vectors,
-                            kde=kde,
+                            kde=kdes,
                             kde_weight=cfg.kde.weight,
                             snr_gamma=tc.snr_gamma,
                         )
@@ -575,7 +686,9 @@ def train(
             if tc.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(raw_concept.parameters(), tc.max_grad_norm)
             else:
-                grad_norm = raw_concept.vectors.grad.detach().norm()
+                grad_norm = torch.cat(
+                    [p.grad.detach().flatten() for p in raw_concept.parameters()]
+                ).norm()
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
@@ -592,7 +705,7 @@ def train(
                     parts,
                     lr_scheduler.get_last_lr()[0],
                     grad_norm,
-                    raw_concept.vectors,
+                    raw_concept(),
                     variant_of_layer,
                     layer_names,
                 )
@@ -610,7 +723,8 @@ def train(
     finally:
         bar.close()
 
-    gathered = accelerator.gather(raw_concept.vectors.detach().reshape(1, -1))
+    flat = torch.cat([v.detach().reshape(-1) for v in raw_concept().values()])
+    gathered = accelerator.gather(flat.reshape(1, -1))
     in_sync = bool((gathered == gathered[0:1]).all())
     output_file = None
     if is_main and step >= tc.max_steps:
@@ -620,7 +734,8 @@ def train(
         output_file=output_file,
         steps=step,
         losses=losses,
-        vectors=raw_concept.vectors.detach().cpu().clone(),
+        vectors=raw_concept.sets[encoders[0][0]].vectors.detach().cpu().clone(),
+        all_vectors={k: v.detach().cpu().clone() for k, v in raw_concept().items()},
         layer_names=layer_names,
         world_size=world,
         ranks_in_sync=in_sync,
@@ -635,14 +750,19 @@ def train(
             "world_size": world,
             "ranks_in_sync": in_sync,
             "seconds": round(result.seconds, 2),
-            "nearest_tokens": _nearest_tokens(
-                kde, raw_concept.vectors, variant_of_layer, layer_names, bundle.tokenizer
-            ),
         }
+        nearest = {
+            enc: _nearest_tokens(
+                kdes[enc], raw_concept.sets[enc].vectors, variant_of_layer, layer_names, tok
+            )
+            for enc, tok, _ in encoders
+        }
+        summary["nearest_tokens"] = nearest if sdxl else nearest[encoders[0][0]]
         atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     accelerator.end_training()
     processors.remove()
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     _release_accelerator_state()
     return result
 
@@ -675,28 +795,32 @@ def _flat_config(cfg: Config) -> dict[str, Any]:
 
 def _step_logs(
     loss: float,
-    parts: dict[str, torch.Tensor],
+    parts: dict[str, Any],
     lr: float,
     grad_norm: torch.Tensor,
-    vectors: torch.Tensor,
+    vectors: dict[str, torch.Tensor],
     variant_of_layer: torch.Tensor,
     layer_names: list[str],
 ) -> dict[str, float]:
+    """Scalars of one step: loss parts, lr, gradient norm, and per layer the mean vector norm and
+    KDE value (``norm/<layer>``; ``norm/<encoder>/<layer>`` when there are two encoders)."""
     logs: dict[str, float] = {
         "loss": loss,
         "mse": float(parts["mse"]),
         "lr": float(lr),
         "grad_norm": float(grad_norm),
     }
-    norms = vectors.detach().float().norm(dim=-1).mean(-1)  # [V]
-    kde_v = parts.get("kde_per_vector")
     if "kde" in parts:
         logs["kde"] = float(parts["kde"])
-    for i, name in enumerate(layer_names):
-        v = int(variant_of_layer[i])
-        logs[f"norm/{name}"] = float(norms[v])
-        if kde_v is not None:
-            logs[f"kde/{name}"] = float(kde_v[v].mean())
+    kde_v = parts.get("kde_per_vector", {})
+    for enc, tensor in vectors.items():
+        prefix = f"{enc}/" if len(vectors) > 1 else ""
+        norms = tensor.detach().float().norm(dim=-1).mean(-1)  # [V]
+        for i, name in enumerate(layer_names):
+            v = int(variant_of_layer[i])
+            logs[f"norm/{prefix}{name}"] = float(norms[v])
+            if enc in kde_v:
+                logs[f"kde/{prefix}{name}"] = float(kde_v[enc][v].mean())
     return logs
 
 
