@@ -136,10 +136,10 @@ def test_equal_contexts_are_stock_and_distinct_contexts_are_routed(granularity):
 def test_pooled_output_is_read_at_the_true_eos_position_with_added_tokens():
     parts = build_tiny_sdxl_components()
     te1, te2 = parts["text_encoder"], copy.deepcopy(parts["text_encoder_2"])
-    te2.config.eos_token_id = (
-        2  # as in the published SDXL config: transformers then pools by argmax
-    )
-    te2.eos_token_id = 2
+    # as in the published SDXL config: transformers then pools at the argmax of the ids
+    for m in (te2, te2.text_model):
+        m.config.eos_token_id = 2
+        m.eos_token_id = 2
     tok1, tok2 = parts["tokenizer"], parts["tokenizer_2"]
     pt1, pt2 = add_placeholder_tokens(tok1, "<x>", 2), add_placeholder_tokens(tok2, "<x>", 2)
     prompts = ["a <x> on a table", "<x>"]
