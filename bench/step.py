@@ -1,14 +1,16 @@
 """Median training-step time of XTI vs shared (classic TI) mode, measured side by side.
 
-    python bench/step.py --model tiny                      # tiny SD1-layout model, 16x16 latents
-    python bench/step.py --model sd15 --steps 3            # SD1.5-shaped random weights, 64x64 latents
-    python bench/step.py --model sd15 --device cuda --mixed-precision bf16 --batch 4
+    python bench/step.py --model tiny --batch 2 --steps 8     # tiny SD1-layout model, 16x16 latents
+    python bench/step.py --model tiny-sdxl --batch 2          # tiny SDXL-layout model (2 encoders)
+    python bench/step.py --model sd15 --steps 3               # SD1.5-shaped random weights, 64x64
+    python bench/step.py --model sdxl --device cuda --mixed-precision bf16 [--gradient-checkpointing]
 
 Both modes run the same `xti.training.compute_loss` + AdamW step on the same model and batch in one
-process, alternating, so the ratio is meaningful even on a noisy machine. Also counts text-encoder
-forward calls per step (XTI encodes all L layer variants in one call), and times the stock UNet
-forward+backward alone as a baseline (our overhead = shared minus stock). The VAE is not part of a
-training step (latents are cached once), so random latents stand in for it.
+process, alternating, so the ratio is meaningful even on a noisy machine. It also counts text-encoder
+forward calls per step (XTI encodes all L layer variants in one call per encoder), and times the
+stock UNet forward+backward alone as a baseline (our overhead = shared minus stock). The VAE is not
+part of a training step (latents are cached once), so random latents stand in for it. On CUDA it
+prints peak GPU memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -23,9 +26,13 @@ from diffusers import DDPMScheduler
 from xti.attention import install_processors
 from xti.builders import (
     CLIP_L_TEXT_CONFIG,
+    OPENCLIP_BIGG_TEXT_CONFIG,
     SD15_UNET_CONFIG,
+    SDXL_UNET_CONFIG,
     build_text_encoder,
+    build_text_encoder_with_projection,
     build_tiny_sd1_components,
+    build_tiny_sdxl_components,
     build_unet,
 )
 from xti.embeddings import (
@@ -39,64 +46,95 @@ from xti.layers import layer_scheme
 from xti.tokenizer import build_clip_tokenizer
 from xti.training import Batch, StepModels, compute_loss
 
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
-def load(model: str):
+
+def load(model: str) -> tuple[dict[str, Any], int]:
+    """Components (tokenizer[_2], text_encoder[_2], unet, scheduler) and the default latent size."""
     if model == "tiny":
-        parts = build_tiny_sd1_components(seed=0)
-        return parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["scheduler"], 16
+        return build_tiny_sd1_components(seed=0), 16
+    if model == "tiny-sdxl":
+        return build_tiny_sdxl_components(seed=0), 16
     if model == "sd15":
-        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        return (
-            build_clip_tokenizer(),
-            build_text_encoder(CLIP_L_TEXT_CONFIG),
-            build_unet(SD15_UNET_CONFIG),
-            sched,
-            64,
-        )
-    raise SystemExit(f"unknown --model {model} (tiny or sd15)")
+        return {
+            "tokenizer": build_clip_tokenizer(),
+            "text_encoder": build_text_encoder(CLIP_L_TEXT_CONFIG),
+            "unet": build_unet(SD15_UNET_CONFIG),
+            "scheduler": DDPMScheduler(**SD_SCHEDULER),
+        }, 64
+    if model == "sdxl":
+        return {
+            "tokenizer": build_clip_tokenizer(),
+            "tokenizer_2": build_clip_tokenizer(),
+            "text_encoder": build_text_encoder(CLIP_L_TEXT_CONFIG),
+            "text_encoder_2": build_text_encoder_with_projection(OPENCLIP_BIGG_TEXT_CONFIG),
+            "unet": build_unet(SDXL_UNET_CONFIG),
+            "scheduler": DDPMScheduler(**SD_SCHEDULER),
+        }, 128
+    raise SystemExit(f"unknown --model {model} (tiny, tiny-sdxl, sd15, sdxl)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", default="tiny", help="tiny or sd15")
+    ap.add_argument("--model", default="tiny", help="tiny, tiny-sdxl, sd15 or sdxl")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (after one warm-up)")
-    ap.add_argument("--latent-size", type=int, default=None, help="default: 16 tiny, 64 sd15")
+    ap.add_argument(
+        "--latent-size", type=int, default=None, help="default: 16 tiny, 64 sd15, 128 sdxl"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     t_load = time.perf_counter()
-    tokenizer, text_encoder, unet, scheduler, size = load(args.model)
+    parts, size = load(args.model)
     size = args.latent_size or size
+    sdxl = "text_encoder_2" in parts
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.mixed_precision
     ]
     device = torch.device(args.device)
-    for m in (unet, text_encoder):
-        m.requires_grad_(False).eval().to(device, dtype=dtype)
+    unet, scheduler = parts["unet"], parts["scheduler"]
+    encoders = [("text_encoder", "tokenizer")] + (
+        [("text_encoder_2", "tokenizer_2")] if sdxl else []
+    )
+    for m in [unet] + [parts[te] for te, _ in encoders]:
+        m.requires_grad_(False).eval().to(device)
+        if dtype != torch.float32:
+            m.to(dtype=dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     print(f"built {args.model} in {time.perf_counter() - t_load:.1f} s; batch {args.batch}, latents {size}x{size}, "
-          f"{args.mixed_precision}, device {device}, threads {torch.get_num_threads()}")  # fmt: skip
+          f"{args.mixed_precision}, device {device}, threads {torch.get_num_threads()}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")  # fmt: skip
 
-    tokens = add_placeholder_tokens(tokenizer, "<bench>", 1)
     scheme = layer_scheme(unet)
-    dim = text_encoder.get_input_embeddings().weight.shape[1]
     g = torch.Generator().manual_seed(0)
-    ids = tokenize(tokenizer, [tokens.expand("a photo of a <bench>")] * args.batch).to(device)
-    batch = Batch(
-        latents=torch.randn(args.batch, 4, size, size, generator=g).to(device),
-        noise=torch.randn(args.batch, 4, size, size, generator=g).to(device),
-        timesteps=torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-        input_ids=ids,
-        image_ids=torch.zeros(args.batch, dtype=torch.long),
+    tokens, ids, dims = {}, {}, {}
+    for te, tok in encoders:
+        tokens[te] = add_placeholder_tokens(parts[tok], "<bench>", 1)
+        ids[te] = tokenize(parts[tok], [tokens[te].expand("a photo of a <bench>")] * args.batch).to(
+            device
+        )
+        dims[te] = parts[te].get_input_embeddings().weight.shape[1]
+    time_ids = torch.tensor([[size * 8.0, size * 8.0, 0.0, 0.0, size * 8.0, size * 8.0]]).repeat(
+        args.batch, 1
     )
+    batch = Batch(
+        latents=torch.randn(args.batch, 4, size, size, generator=g),
+        noise=torch.randn(args.batch, 4, size, size, generator=g),
+        timesteps=torch.randint(0, 1000, (args.batch,), generator=g),
+        input_ids=ids["text_encoder"],
+        image_ids=torch.zeros(args.batch, dtype=torch.long),
+        input_ids_2=ids.get("text_encoder_2"),
+        time_ids=time_ids if sdxl else None,
+    ).to(device)
     calls = []
-    text_encoder.register_forward_hook(lambda m, a, o: calls.append(1))
+    for te, _ in encoders:
+        parts[te].register_forward_hook(lambda m, a, o: calls.append(1))
     stock_processors = dict(unet.attn_processors)
     install_processors(unet, scheme)
     xti_processors = dict(unet.attn_processors)
@@ -104,43 +142,60 @@ def main() -> None:
     modes = {}
     for granularity in ("block", "shared"):
         variants = 1 if granularity == "shared" else len(scheme)
-        concept = ConceptVectors(torch.randn(1, dim, generator=g) * 0.01, variants).to(device)
-        modes[granularity] = (concept, torch.optim.AdamW(concept.parameters(), lr=1e-3), variants)
+        sets = {
+            te: ConceptVectors(
+                torch.randn(1, dims[te], generator=g) * 0.01, variants + (i == 1)
+            ).to(device)
+            for i, (te, _) in enumerate(encoders)
+        }
+        params = [p for s in sets.values() for p in s.parameters()]
+        modes[granularity] = (sets, torch.optim.AdamW(params, lr=1e-3), variants)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     def xti_step(granularity: str) -> tuple[float, int]:
-        concept, opt, variants = modes[granularity]
-        handle = install_token_embedding(text_encoder, tokens.first_id, concept)
-        m = StepModels(unet, text_encoder, scheduler, tokens, layer_variants(len(scheme), granularity).to(device),
-                       variants, "epsilon", dtype)  # fmt: skip
+        sets, opt, variants = modes[granularity]
+        handles = [
+            install_token_embedding(parts[te], tokens[te].first_id, sets[te]) for te, _ in encoders
+        ]
+        m = StepModels(
+            unet, parts["text_encoder"], scheduler, tokens["text_encoder"],
+            layer_variants(len(scheme), granularity).to(device), variants, "epsilon", dtype,
+            text_encoder_2=parts.get("text_encoder_2"), tokens_2=tokens.get("text_encoder_2"),
+        )  # fmt: skip
         calls.clear()
         sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = compute_loss(m, batch, concept())
+            loss, _ = compute_loss(m, batch, sets["text_encoder"]())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        handle.remove()
+        for h in handles:
+            h.remove()
         return time.perf_counter() - t, len(calls)
 
     def stock_step() -> tuple[float, int]:
         """Baseline: the stock UNet and processors, gradient to one context tensor, no text encoder."""
         unet.set_attn_processor(dict(stock_processors))
-        ctx = (
-            torch.randn(args.batch, ids.shape[1], dim, generator=g)
-            .to(device, dtype)
-            .requires_grad_(True)
-        )
+        ctx = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=g)
+        ctx = ctx.to(device, dtype).requires_grad_(True)
+        added = None
+        if sdxl:
+            pooled = torch.randn(
+                args.batch, parts["text_encoder_2"].config.projection_dim, generator=g
+            )
+            added = {"text_embeds": pooled.to(device, dtype), "time_ids": batch.time_ids.to(dtype)}
         sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps).to(dtype)
-            pred = unet(noisy, batch.timesteps, encoder_hidden_states=ctx).sample
+            pred = unet(
+                noisy, batch.timesteps, encoder_hidden_states=ctx, added_cond_kwargs=added
+            ).sample
         (pred.float() - batch.noise).pow(2).mean().backward()
         sync()
         dt = time.perf_counter() - t
@@ -154,17 +209,19 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {mode: [] for mode in runners}
     n_calls: dict[str, int] = {}
+    peak: dict[str, float] = {}
     for run in runners.values():
         run()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.steps):
         for mode, run in runners.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             dt, n_calls[mode] = run()
             times[mode].append(dt)
-    print(
-        f"{'mode':<22} {'vector sets':>11} {'median s/step':>14} {'min':>8} {'text-encoder calls/step':>24}"
-    )
+            if device.type == "cuda":
+                peak[mode] = max(peak.get(mode, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    header = f"{'mode':<24} {'vector sets':>11} {'median s/step':>14} {'min':>8} {'text-encoder calls/step':>24}"
+    print(header + (f" {'peak GiB':>9}" if peak else ""))
     rows = (
         ("block", "xti", len(scheme)),
         ("shared", "shared (TI)", 1),
@@ -172,13 +229,10 @@ def main() -> None:
     )
     for mode, label, sets in rows:
         ts = times[mode]
-        print(
-            f"{label:<22} {sets:>11} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {n_calls[mode]:>24}"
-        )
+        line = f"{label:<24} {sets:>11} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {n_calls[mode]:>24}"
+        print(line + (f" {peak[mode]:>9.2f}" if peak else ""))
     ratio = statistics.median(times["block"]) / statistics.median(times["shared"])
     print(f"xti / shared step-time ratio: {ratio:.2f}")
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

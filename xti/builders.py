@@ -140,6 +140,16 @@ OPENCLIP_H_TEXT_CONFIG: dict[str, Any] = {
 }
 """CLIPTextModel config of SD 2.x (OpenCLIP ViT-H/14 text tower without its last layer)."""
 
+OPENCLIP_BIGG_TEXT_CONFIG: dict[str, Any] = dict(
+    OPENCLIP_H_TEXT_CONFIG,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    projection_dim=1280,
+)
+"""CLIPTextModelWithProjection config of SDXL's second text encoder (OpenCLIP ViT-bigG/14)."""
+
 SD_VAE_CONFIG: dict[str, Any] = {
     "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512],
