@@ -1,4 +1,5 @@
-"""Command line interface: ``xti train``, ``xti layers``, ``xti config``.
+"""Command line interface: ``xti train``, ``xti layers``, ``xti config``, ``xti generate``,
+``xti inspect``, ``xti export``.
 
 The CLI only parses arguments and prints; the library does the work. Every `XTIError` becomes one
 line on stderr (``error: …``) and exit status 2, never a traceback.
@@ -7,9 +8,11 @@ line on stderr (``error: …``) and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from xti.errors import XTIError
 
@@ -56,6 +59,158 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedding_args(items: list[str]) -> list[tuple[str | None, str]]:
+    """``--embedding PATH`` or ``--embedding '<tok>=PATH'`` → (placeholder or None, path)."""
+    out: list[tuple[str | None, str]] = []
+    for item in items:
+        placeholder, sep, path = item.partition("=")
+        if sep and not os.path.exists(item) and placeholder.strip() and path.strip():
+            out.append((placeholder.strip(), path.strip()))
+        else:
+            out.append((None, item))
+    return out
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Switch the diffusers/transformers loading progress bars off inside the block if asked."""
+    if enabled:
+        yield
+        return
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    before = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before[0]:
+            dlog.enable_progress_bar()
+        if before[1]:
+            tlog.enable_progress_bar()
+
+
+def _parse_size(text: str | None) -> tuple[int | None, int | None]:
+    if text is None:
+        return None, None
+    w, sep, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h if sep else w)
+    except ValueError:
+        raise XTIError(f"--size: expected N or WxH (e.g. 512 or 512x768), got {text!r}") from None
+    if width < 8 or height < 8:
+        raise XTIError(f"--size: {text!r} is too small")
+    return width, height
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from xti.export import load_embedding_file
+    from xti.inference import (
+        XTIAdapter,
+        load_pipeline,
+        parse_assignments,
+        save_images,
+        set_scheduler,
+    )
+
+    if args.count < 1 or args.steps < 1:
+        raise XTIError("--count and --steps must be >= 1")
+    mix = parse_assignments(args.mix or [], "--mix", split_last=True)
+    layer_prompts = parse_assignments(args.layer_prompt or [], "--layer-prompt", split_last=False)
+    width, height = _parse_size(args.size)
+    embeddings = _embedding_args(args.embedding or [])
+    for _, path in embeddings:  # fail on a bad file before the model loads
+        load_embedding_file(path, allow_pickle=args.allow_pickle)
+    with _progress_bars(not args.no_progress):
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+    if args.lora:
+        try:
+            pipe.load_lora_weights(args.lora)
+        except Exception as err:  # missing peft, bad file...: one line
+            raise XTIError(f"--lora {args.lora}: {type(err).__name__}: {err}") from None
+    if args.freeu:
+        try:
+            s1, s2, b1, b2 = (float(x) for x in args.freeu.split(","))
+        except ValueError:
+            raise XTIError("--freeu: expected four numbers s1,s2,b1,b2") from None
+        pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    adapter = XTIAdapter(pipe)
+    try:
+        for placeholder, path in embeddings:
+            adapter.load(path, placeholder, allow_pickle=args.allow_pickle)
+        device = pipe._execution_device
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        result = adapter(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            layer_prompts=layer_prompts or None,
+            mix=mix or None,
+            num_images_per_prompt=args.count,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
+            height=height,
+            width=width,
+            generator=generator,
+            clip_skip=args.clip_skip,
+        )
+    finally:
+        adapter.unload()
+    params = {
+        "model": args.model,
+        "embeddings": args.embedding or [],
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "layer_prompts": layer_prompts,
+        "mix": mix,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "scheduler": args.scheduler or type(pipe.scheduler).__name__,
+    }
+    prefix = f"{args.name}-{args.seed}"
+    for path in save_images(result.images, args.out_dir, prefix, params=params, grid=args.grid):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from xti.inference import inspect_embedding
+
+    info = inspect_embedding(
+        args.file, model=args.model, allow_pickle=args.allow_pickle, top_k=args.top_k
+    )
+    print(json.dumps(info, indent=1, ensure_ascii=False))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from xti.inference import export_kohya, export_ti
+
+    if args.format == "kohya":
+        if args.layer or args.mean:
+            raise XTIError("--layer/--mean apply to --format ti only")
+        out = export_kohya(args.file, args.output, allow_pickle=args.allow_pickle)
+        print(f"wrote {out}")
+        return 0
+    if bool(args.layer) == bool(args.mean):
+        raise XTIError("--format ti needs exactly one of --layer NAME or --mean")
+    out = export_ti(
+        args.file, args.output, layer=args.layer, mean=args.mean, allow_pickle=args.allow_pickle
+    )
+    which = f"layer {args.layer}" if args.layer else "the mean over layers"
+    print(f"wrote {out} (plain textual inversion from {which}: per-layer detail is lost)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xti", description="Extended Textual Inversion (P+) for Stable Diffusion."
@@ -83,6 +238,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config to resolve")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "generate", help="generate images with per-layer embeddings, mixing, per-layer prompts"
+    )
+    p.add_argument("--model", required=True, help="diffusers folder, hub id or builtin:tiny-sd1")
+    p.add_argument(
+        "--embedding",
+        "-e",
+        action="append",
+        metavar="[TOKEN=]FILE",
+        help="xti or kohya file (repeatable); TOKEN= sets its placeholder (needed for kohya files)",
+    )
+    p.add_argument("--prompt", "-p", help="the prompt (may contain placeholders)")
+    p.add_argument("--negative-prompt", "-n", help="negative prompt (all layers)")
+    p.add_argument(
+        "--mix",
+        nargs="+",
+        metavar="TOKEN=LAYERS",
+        help="style mixing, e.g. --mix '<a>=coarse' '<b>=fine' (names, groups, ranges)",
+    )
+    p.add_argument(
+        "--layer-prompt",
+        action="append",
+        metavar="LAYERS=PROMPT",
+        help="per-layer prompt (repeatable), e.g. --layer-prompt 'mid=a green lizard'",
+    )
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", help="N or WxH in pixels (default: the model's)")
+    p.add_argument("--count", type=int, default=1, help="images per prompt")
+    p.add_argument("--scheduler", help="ddim, euler, euler-a, dpm++, unipc, ... or a class name")
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--freeu", metavar="S1,S2,B1,B2", help="enable FreeU with these factors")
+    p.add_argument("--lora", help="LoRA weights to load into the pipeline (needs peft)")
+    p.add_argument("--out-dir", default="outputs/generate", help="where images are written")
+    p.add_argument("--name", default="xti", help="file name prefix (default xti)")
+    p.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default cuda when available)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on cuda")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("inspect", help="describe an embedding file as JSON")
+    p.add_argument("file")
+    p.add_argument("--model", help="also list the nearest vocabulary tokens of this model")
+    p.add_argument("--top-k", type=int, default=1, help="nearest tokens per vector (default 1)")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="convert to kohya's 16-key file or a plain TI embedding")
+    p.add_argument("file")
+    p.add_argument("--format", choices=["kohya", "ti"], required=True)
+    p.add_argument("--layer", help="ti: take this layer's vectors")
+    p.add_argument("--mean", action="store_true", help="ti: average over all layers")
+    p.add_argument("--output", "-o", help="output file (default: beside the input)")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
