@@ -193,6 +193,31 @@ class TrackingConfig(_Section):
     tags: list[str] = Field(default_factory=list, description="Tracker tags.")
 
 
+class ValidationConfig(_Section):
+    """Sample images during training (main process, fixed seeds) for the dashboard and output folder."""
+
+    every: int = Field(
+        0, ge=0, description="Generate validation samples every N steps (0 disables)."
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts with the placeholder; empty uses a few object/style templates.",
+    )
+    negative_prompt: str = Field("", description="Negative prompt of the validation samples.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1], description="One sample per seed and prompt."
+    )
+    num_inference_steps: int = Field(20, gt=0, description="Denoising steps per sample.")
+    guidance_scale: float = Field(5.0, ge=0.0, description="Classifier-free guidance scale.")
+    mix_with: str | None = Field(
+        None, description="A second concept file (.xti.safetensors) for a style-mixing panel."
+    )
+    mix_layers: str = Field(
+        "coarse",
+        description="Layers that take this run's concept in the mixing panel; the rest take mix_with.",
+    )
+
+
 class Config(_Section):
     """A complete training run."""
 
@@ -211,6 +236,9 @@ class Config(_Section):
     kde: KDEConfig = Field(default_factory=KDEConfig, description="KDE regulariser.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Loop settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics tracker.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Validation samples."
+    )
 
     @property
     def concept_name(self) -> str:

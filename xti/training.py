@@ -17,6 +17,8 @@ accumulation, DDP over the vectors only, checkpoints and exact resume, snapshots
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import json
 import logging
 import os
@@ -52,10 +54,25 @@ from xti.embeddings import (
     tokenize,
 )
 from xti.errors import XTIError
-from xti.export import atomic_write_bytes, build_metadata, save_embedding_file
+from xti.export import (
+    EmbeddingFile,
+    atomic_write_bytes,
+    build_metadata,
+    load_embedding_file,
+    save_embedding_file,
+)
 from xti.kde import KDERegularizer
 from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
+from xti.tracking import (
+    DEFAULT_VALIDATION_PROMPTS,
+    Smoother,
+    log_images,
+    log_table,
+    setup_tracking,
+    validation_grid,
+    write_model_card,
+)
 
 logger = logging.getLogger("xti")
 
@@ -348,15 +365,6 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def _setup_tracking(cfg: Config) -> str | None:
-    report = cfg.tracking.report_to
-    if report == "none":
-        return None
-    if report == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"  # no key configured: never block on a login prompt
-    return report
-
-
 def _check_resolution(cfg: Config, vae) -> None:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.train.resolution % factor:
@@ -426,6 +434,7 @@ def train(
         bundle = load_model(cfg.model)
     _check_resolution(cfg, bundle.vae)
     encoders = bundle.text_encoders  # [(name, tokenizer, text encoder)]: one, or two for SDXL
+    clean_tokenizer = copy.deepcopy(bundle.tokenizer)  # for validation pipelines
     tokens = {
         name: add_placeholder_tokens(tok, cfg.concept.placeholder, cfg.concept.n_vectors)
         for name, tok, _ in encoders
@@ -462,7 +471,9 @@ def train(
             where = out / "checkpoints" if tc.resume == "latest" else tc.resume
             raise XTIError(f"train.resume: no complete checkpoint at {where}")
 
-    report_to = _setup_tracking(cfg)
+    if cfg.validation.mix_with and not Path(cfg.validation.mix_with).is_file():
+        raise XTIError(f"validation.mix_with: {cfg.validation.mix_with} does not exist")
+    report_to = setup_tracking(cfg.tracking.report_to)
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         log_with=report_to,
@@ -515,13 +526,23 @@ def train(
     raw_concept = concept
     # Each text encoder reads its raw parameter; the wrapped module's forward is called once per
     # step so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate once.
-    handles = [
-        install_token_embedding(
-            te, tokens[name].first_id, lambda n=name: raw_concept.sets[n].vectors
-        )
-        for name, _, te in encoders
-    ]
-    processors = install_processors(unet, scheme)
+    installed: dict[str, Any] = {}
+
+    def install_training_hooks() -> None:
+        installed["embeddings"] = [
+            install_token_embedding(
+                te, tokens[name].first_id, lambda n=name: raw_concept.sets[n].vectors
+            )
+            for name, _, te in encoders
+        ]
+        installed["processors"] = install_processors(unet, scheme)
+
+    def remove_training_hooks() -> None:
+        installed["processors"].remove()
+        for handle in installed["embeddings"]:
+            handle.remove()
+
+    install_training_hooks()
 
     # KDE values are always logged; they enter the loss only when kde.weight > 0.
     kdes = {
@@ -644,6 +665,77 @@ def train(
         unit="step",
     )
     losses: list[tuple[int, float]] = []
+    smooth = Smoother()
+    vc = cfg.validation
+    mix_with = load_embedding_file(vc.mix_with) if vc.mix_with and is_main else None
+    last_grid: list[Path] = []
+
+    def validate(step: int) -> None:
+        """Sample with fixed seeds (main process; no_grad; hooks and devices restored after)."""
+        if sdxl:
+            logger.warning("validation samples are not available for SDXL yet; skipped")
+            return
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        template = DEFAULT_VALIDATION_PROMPTS.get(
+            cfg.data.template, DEFAULT_VALIDATION_PROMPTS["object"]
+        )
+        prompts_v = vc.prompts or [t.format(cfg.concept.placeholder) for t in template]
+        concept_file = EmbeddingFile(
+            layers=scheme.names,
+            vectors=export_vectors(raw_concept(), variant_of_layer, scheme, num_variants),
+            metadata={},
+        )
+        remove_training_hooks()
+        vae_device = next(bundle.vae.parameters()).device
+        try:
+            pipe = StableDiffusionPipeline(
+                vae=bundle.vae.to(device),
+                text_encoder=bundle.text_encoder,
+                tokenizer=clean_tokenizer,
+                unet=unet,
+                scheduler=DDIMScheduler.from_config(bundle.noise_scheduler.config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            with torch.no_grad(), accelerator.autocast():
+                vg = validation_grid(
+                    pipe,
+                    concept_file,
+                    cfg.concept.placeholder,
+                    prompts_v,
+                    seeds=vc.seeds,
+                    negative_prompt=vc.negative_prompt,
+                    num_inference_steps=vc.num_inference_steps,
+                    guidance_scale=vc.guidance_scale,
+                    resolution=tc.resolution,
+                    mix_with=mix_with,
+                    mix_layers=vc.mix_layers,
+                    granularity="transformer" if granularity == "transformer" else "block",
+                )
+        finally:
+            bundle.vae.to(vae_device)
+            install_training_hooks()
+        path = out / "validation" / f"{name}-step{step:06d}.png"
+        buf = io.BytesIO()
+        vg.grid.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+        last_grid[:] = [path]
+        log_images(accelerator, "validation", vg.grid, vg.caption, step)
+        nearest_v = _nearest_tokens(
+            kdes[encoders[0][0]],
+            raw_concept.sets[encoders[0][0]].vectors,
+            variant_of_layer,
+            layer_names,
+            encoders[0][1],
+        )
+        log_table(
+            accelerator, "nearest_tokens", ["layer", "nearest vocabulary tokens"],
+            [[layer, " ".join(toks)] for layer, toks in nearest_v.items()], step,
+        )  # fmt: skip
+
     global_batch = tc.batch_size * world
     accum = tc.gradient_accumulation_steps
     step = start_step
@@ -709,8 +801,16 @@ def train(
                     variant_of_layer,
                     layer_names,
                 )
-                logs["step_time"] = time.perf_counter() - t_step
+                logs["loss_smoothed"] = smooth.update(mean_loss)
+                step_time = time.perf_counter() - t_step
+                logs["step_time"] = step_time
+                logs["samples_per_s"] = global_batch * accum / step_time
+                logs["peak_memory_gb"] = _peak_memory_gb(device)
                 accelerator.log(logs, step=step)
+            if vc.every and (step % vc.every == 0 or step == tc.max_steps):
+                if is_main:
+                    validate(step)
+                accelerator.wait_for_everyone()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 checkpoint(step)
             if tc.snapshot_every and step % tc.snapshot_every == 0 and is_main:
@@ -759,12 +859,32 @@ def train(
         }
         summary["nearest_tokens"] = nearest if sdxl else nearest[encoders[0][0]]
         atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+        if output_file is not None:
+            write_model_card(
+                out,
+                name=name,
+                embedding_file=output_file,
+                config=cfg.model_dump(mode="json"),
+                family=bundle.family,
+                base_model=bundle.source,
+                layers=layer_names,
+                steps=step,
+                final_loss=summary["final_loss"],
+                grid=last_grid[0] if last_grid else None,
+            )
     accelerator.end_training()
-    processors.remove()
-    for handle in handles:
-        handle.remove()
+    remove_training_hooks()
     _release_accelerator_state()
     return result
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocated on GPUs, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _release_accelerator_state() -> None:

@@ -1,0 +1,342 @@
+"""Dashboards: tracker setup, scalars, images and tables, the model card, and reading runs back.
+
+Training talks to trackers only through Accelerate (`accelerator.init_trackers`, `accelerator.log`)
+and through the helpers here for what Accelerate has no generic call for: images (captioned grids)
+and tables (nearest vocabulary tokens per layer). wandb honours ``WANDB_MODE`` and runs offline when no
+API key is configured; tensorboard writes event files under ``<output_dir>/logs``.
+
+`read_wandb_offline_run` parses an offline ``run-*.wandb`` file (LevelDB-log framing of protobuf
+records) so tests and users can check what a run logged without a wandb server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from xti.errors import XTIError
+
+
+def setup_tracking(report_to: str) -> str | None:
+    """Accelerate's ``log_with`` for a ``tracking.report_to`` value; wandb goes offline without a key."""
+    if report_to == "none":
+        return None
+    if report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise XTIError("tracking.report_to=wandb needs wandb: pip install wandb") from None
+        if (
+            not os.environ.get("WANDB_API_KEY")
+            and "WANDB_MODE" not in os.environ
+            and not _wandb_logged_in()
+        ):
+            os.environ["WANDB_MODE"] = "offline"  # never block a run on a login prompt
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise XTIError(
+                "tracking.report_to=tensorboard needs tensorboard: pip install tensorboard"
+            ) from None
+    return report_to
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class Smoother:
+    """Exponential moving average with bias correction (the "smoothed loss" curve)."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta = beta
+        self.value = 0.0
+        self.count = 0
+
+    def update(self, x: float) -> float:
+        self.count += 1
+        self.value = self.beta * self.value + (1 - self.beta) * x
+        return self.value / (1 - self.beta**self.count)
+
+
+def image_grid(
+    images: list[Image.Image], rows: int, labels: list[str] | None = None
+) -> Image.Image:
+    """Tile equally sized images into ``rows`` rows; optional row labels are drawn on the left."""
+    if not images:
+        raise ValueError("no images to tile")
+    cols = -(-len(images) // rows)
+    w, h = images[0].size
+    pad = 0
+    if labels:
+        pad = max(8 * max(len(s) for s in labels) + 8, 16)
+    grid = Image.new("RGB", (pad + cols * w, rows * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), (pad + (i % cols) * w, (i // cols) * h))
+    for r, text in enumerate(labels or []):
+        draw.text((4, r * h + 2), text, fill="black")
+    return grid
+
+
+def log_images(accelerator, key: str, grid: Image.Image, caption: str, step: int) -> None:
+    """Log a captioned image to every active tracker at ``step`` (main process only)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({key: wandb.Image(grid, caption=caption)}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_image(key, np.asarray(grid), step, dataformats="HWC")
+            tracker.writer.add_text(f"{key}/caption", caption, step)
+
+
+def log_table(accelerator, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+    """Log a small table (wandb Table; tensorboard markdown text)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+        elif tracker.name == "tensorboard":
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+            tracker.writer.add_text(key, "\n".join(lines), step)
+
+
+def write_model_card(
+    folder: Path,
+    *,
+    name: str,
+    embedding_file: Path,
+    config: dict[str, Any],
+    family: str,
+    base_model: str,
+    layers: list[str],
+    steps: int,
+    final_loss: float | None,
+    grid: Path | None,
+) -> Path:
+    """Write ``README.md`` into the output folder: base model, settings, samples, how to load."""
+    from xti.export import atomic_write_bytes
+
+    c = config
+    rel = os.path.relpath(embedding_file, folder)
+    lines = [
+        f"# {name} — XTI embedding",
+        "",
+        f"Extended Textual Inversion (P+) concept `{c['concept']['placeholder']}` trained with xti on "
+        f"`{base_model}` ({family}): {len(layers)} layers × {c['concept']['n_vectors']} vector(s), "
+        f"granularity `{c['xti']['granularity']}`.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| file | `{rel}` |",
+        f"| steps | {steps} |",
+        f"| final loss | {final_loss:.4f} |" if final_loss is not None else "| final loss | - |",
+        f"| batch size × accumulation | {c['train']['batch_size']} × {c['train']['gradient_accumulation_steps']} |",
+        f"| learning rate | {c['train']['lr']} ({c['train']['lr_scheduler']}) |",
+        f"| resolution | {c['train']['resolution']} |",
+        f"| initializer | `{c['concept']['initializer']}` |",
+        f"| KDE weight | {c['kde']['weight']} |",
+        f"| layers | {', '.join(layers)} |",
+        "",
+    ]
+    if grid is not None:
+        lines += ["## Samples", "", f"![validation samples]({os.path.relpath(grid, folder)})", ""]
+    lines += [
+        "## Use it",
+        "",
+        "```python",
+        "from xti.export import load_embedding_file",
+        f'ef = load_embedding_file("{rel}")',
+        "print(ef.layers, ef.metadata['xti.placeholder'])",
+        "```",
+        "",
+        "The file's keys are the layer names (kohya sd-scripts' XTI layout); see the xti README for",
+        "loading it into a diffusers pipeline, style mixing and per-layer prompts.",
+        "",
+    ]
+    path = folder / "README.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+# ----------------------------------------------------------------------------- reading runs back
+
+
+@dataclass
+class WandbRun:
+    """What an offline wandb run file holds: history rows, summary, config and media files."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    media: list[Path] = field(default_factory=list)
+
+
+_BLOCK = 32 * 1024
+_HEADER = 7  # ":W&B", magic 0xBEE1, version byte
+_RECORD_HEADER = 7  # crc32, length (2 bytes), type
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise XTIError(f"{path} is not a wandb run file")
+    records, pending, pos = [], b"", _HEADER
+    while pos + _RECORD_HEADER <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _RECORD_HEADER:
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + _RECORD_HEADER])
+        if length == 0 and kind == 0:
+            pos += left_in_block
+            continue
+        chunk = data[pos + _RECORD_HEADER : pos + _RECORD_HEADER + length]
+        pos += _RECORD_HEADER + length
+        if kind == 1:  # full
+            records.append(chunk)
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        elif kind == 4:  # last
+            records.append(pending + chunk)
+            pending = b""
+    return records
+
+
+def _put(row: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set a (possibly nested: media objects are logged as nested keys) history value."""
+    for part in path[:-1]:
+        row = row.setdefault(part, {})
+    row[path[-1]] = value
+
+
+def read_wandb_offline_run(run_dir: str | Path) -> WandbRun:
+    """Parse an offline run folder (``wandb/offline-run-*``) into history, summary, config, media."""
+    from wandb.proto import wandb_internal_pb2
+
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("run-*.wandb"))
+    if not files:
+        raise XTIError(f"{run_dir} holds no run-*.wandb file")
+    run = WandbRun()
+    for raw in _wandb_records(files[0]):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            row: dict[str, Any] = {}
+            for item in rec.history.item:
+                _put(
+                    row,
+                    [item.key] if item.key else list(item.nested_key),
+                    json.loads(item.value_json),
+                )
+            run.history.append(row)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                run.summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in rec.config.update:
+                run.config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    run.media = (
+        sorted((run_dir / "files" / "media").rglob("*.*"))
+        if (run_dir / "files" / "media").is_dir()
+        else []
+    )
+    return run
+
+
+# ----------------------------------------------------------------------------- validation samples
+
+DEFAULT_VALIDATION_PROMPTS = {
+    "object": ["a photo of {}", "a {} on a table", "a close-up photo of {}"],
+    "style": [
+        "a painting in the style of {}",
+        "a house in the style of {}",
+        "a cat in the style of {}",
+    ],
+}
+
+
+@dataclass
+class ValidationGrid:
+    """Validation samples of one step: the grid, its caption and the row labels."""
+
+    grid: Image.Image
+    caption: str
+    rows: list[str]
+
+
+def validation_grid(
+    pipe: Any,
+    concept: Any,
+    placeholder: str,
+    prompts: list[str],
+    *,
+    seeds: list[int],
+    negative_prompt: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    mix_with: Any | None = None,
+    mix_layers: str = "coarse",
+    granularity: str = "block",
+) -> ValidationGrid:
+    """Generate one image per (prompt, seed) with the concept, plus a style-mixing row.
+
+    Args:
+        pipe: a stock Stable Diffusion pipeline built from the training components (no xti
+            processors or concept embeddings installed while this runs).
+        concept: the current vectors as an `xti.export.EmbeddingFile`.
+        placeholder: the concept's placeholder.
+        prompts: prompts containing the placeholder.
+        seeds: one sample per seed; ``torch.Generator`` per sample, so samples are reproducible.
+        mix_with: a second concept's `EmbeddingFile`: adds a row where ``mix_layers`` take this
+            concept and the other layers take the second one.
+    """
+    import torch
+
+    from xti.inference import XTIAdapter
+
+    images, rows = [], []
+    with XTIAdapter(pipe, granularity=granularity) as xti:
+        xti.load(concept, placeholder)
+        other = None
+        if mix_with is not None:
+            other = "<xti-validation-mix>"
+            xti.load(mix_with, other)
+        plan = [(p, None) for p in prompts]
+        if other is not None:
+            # later entries win: the other concept everywhere, then this one in mix_layers
+            plan.append((prompts[0], {other: "all", placeholder: mix_layers}))
+        for prompt, mix in plan:
+            rows.append(prompt if mix is None else f"{prompt} [{mix_layers}: this, rest: mix_with]")
+            for seed in seeds:
+                out = xti(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    mix=mix,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    height=resolution,
+                    width=resolution,
+                    output_type="pil",
+                )
+                images.append(out.images[0])
+    caption = " | ".join(f"row {i}: {r}" for i, r in enumerate(rows)) + f" | seeds {seeds}"
+    return ValidationGrid(image_grid(images, rows=len(rows)), caption, rows)
