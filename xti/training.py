@@ -448,12 +448,7 @@ def train(
     }
     granularity = cfg.xti.granularity
     sdxl = bundle.family == "sdxl"
-    if granularity == "transformer" or not sdxl:
-        scheme = layer_scheme(
-            bundle.unet, "transformer" if granularity == "transformer" else "block"
-        )
-    else:
-        scheme = layer_scheme(bundle.unet, "block")
+    scheme = layer_scheme(bundle.unet, "transformer" if granularity == "transformer" else "block")
     variant_of_layer = layer_variants(len(scheme), granularity)
     num_variants = 1 if granularity == "shared" else len(scheme)
     pooled = cfg.xti.pooled
