@@ -242,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", help="generate images with per-layer embeddings, mixing, per-layer prompts"
     )
-    p.add_argument("--model", required=True, help="diffusers folder, hub id or builtin:tiny-sd1")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="SD 1.x/2.x or SDXL diffusers folder, hub id, builtin:tiny-sd1",
+    )
     p.add_argument(
         "--embedding",
         "-e",

@@ -7,8 +7,8 @@ pipeline with those contexts, and leaving the pipeline as it was (`XTIAdapter.un
 holds the small helpers the ``xti generate / inspect / export`` commands use (pipeline loading,
 scheduler swap, image grid, file inspection, kohya and plain-TI export).
 
-How it works, for a pipeline ``pipe`` (SD 1.x / 2.x; the text-encoder handling is written per
-encoder so SDXL's second encoder can be added):
+How it works, for a pipeline ``pipe`` (SD 1.x / 2.x, SDXL; the text-encoder handling is written
+per encoder slot: one for SD 1.x/2.x, ``clip_l`` and ``clip_g`` for SDXL):
 
 * `XTIAdapter(pipe)` wraps every attention processor of ``pipe.unet`` in an `XTIAttnProcessor`
   (`xti.attention`); without the ``xti_contexts`` key they call the wrapped processor unchanged,
@@ -28,6 +28,17 @@ encoder so SDXL's second encoder can be added):
   contexts are already laid out as the UNet batch: ``[negative · n, positive · n]`` under
   classifier-free guidance, positive only without, each prompt repeated ``num_images_per_prompt``
   times in a row (the pipeline never expands a cross-attention kwarg).
+* SDXL (`StableDiffusionXLPipeline` and pipelines built on it; DESIGN §5): ``clip_l`` vectors go
+  to ``pipe.tokenizer``/``text_encoder``, ``clip_g`` ones to ``tokenizer_2``/``text_encoder_2``;
+  both encoders take the same layer's text and variant, and a layer's context is the concatenation
+  of their penultimate hidden states (as `xti.embeddings.encode_sdxl_per_layer`). The pooled
+  ``text_embeds`` are global: the prompt as written, encoded by ``text_encoder_2`` with each
+  concept at its ``clip_g.POOL`` vectors (one more row of the same call), or, when a concept in it
+  has no POOL vectors (``xti.pooled = mean``) or there is no prompt, the mean of the layers'
+  pooled outputs; they are read at the true EOS position (not ``argmax`` of the ids). Negatives
+  follow the stock pipeline: no negative prompt and ``force_zeros_for_empty_prompt`` -> zero
+  negative contexts and pooled embeds, otherwise the negative prompt is encoded. The pipeline is
+  called with ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds`` too.
 
 Bit identity (measured on the 2-core CPU of the dev machines with torch 2.13 CPU, fp32, bf16 and
 fp16, on the tiny text encoder, a CLIP-L-shaped and an OpenCLIP-H-shaped one): every row of a
@@ -37,8 +48,11 @@ hidden states of the stock ``encode_prompt`` (which makes one call for the promp
 the negatives). Hence: a concept whose layers all hold the same vector gives the same images as
 ``load_textual_inversion`` of that vector, a prompt without placeholders the same images as the
 stock pipeline, and per-layer prompts that are all equal the same images as that prompt (tests).
-Deduplication also makes the common cases cheap: a prompt without placeholders costs the encoder
-two rows (prompt and negative), not ``2·L``. On GPUs, kernels chosen by batch size can differ in
+SDXL's ``text_projection`` is the exception: a matmul over one row takes another CPU kernel than
+over several (the last bits differ), so the pooled EOS states are projected per side on
+``[batch, width]``, the shapes the stock ``encode_prompt`` uses. Deduplication also makes the
+common cases cheap: a prompt without placeholders costs the encoder two rows (prompt and
+negative), not ``2·L``. On GPUs, kernels chosen by batch size can differ in
 the last bits; the images then agree to float precision, not bit for bit.
 """
 
@@ -52,7 +66,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +74,10 @@ import torch
 from torch import nn
 
 from xti.attention import CONTEXTS_KWARG, XTIAttnProcessor, install_processors
-from xti.embeddings import install_token_embedding
+from xti.embeddings import eos_positions, install_token_embedding
 from xti.errors import XTIError
 from xti.export import (
+    POOL_KEY,
     SD1_LAYER_NAMES,
     EmbeddingFile,
     atomic_write_bytes,
@@ -107,16 +122,26 @@ class Concept:
         vectors: ``[L, n_vectors, d]`` float32, in the adapter's layer order.
         source: the file it came from (or ``"<memory>"``).
         metadata: the file's string metadata (empty for kohya files).
+        encoder_vectors: SDXL: ``{"clip_l": [L, n, 768], "clip_g": [L, n, 1280]}``
+            (``vectors`` is then the ``clip_l`` set); empty for SD 1.x/2.x.
+        pool: SDXL: the ``[n, 1280]`` ``clip_g.POOL`` vectors used for the pooled
+            ``text_embeds``; None when the pooled embeds are the mean over the layers'.
     """
 
     placeholder: str
     vectors: torch.Tensor
     source: str
     metadata: dict[str, str]
+    encoder_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    pool: torch.Tensor | None = None
 
     @property
     def n_vectors(self) -> int:
         return self.vectors.shape[1]
+
+    def vectors_for(self, key: str | None) -> torch.Tensor:
+        """``[L, n, d]`` vectors of one encoder slot (``None``: SD 1.x/2.x's only encoder)."""
+        return self.vectors if key is None else self.encoder_vectors[key]
 
 
 @dataclass
@@ -132,7 +157,11 @@ class EncodedPrompts:
             repeated ``num_images_per_prompt`` times in a row.
         num_images_per_prompt: n.
         do_classifier_free_guidance: whether the contexts include the negatives.
-        num_sequences: distinct token sequences the text encoder ran on (one call).
+        num_sequences: distinct token sequences the text encoder ran on (one call; SDXL: the
+            larger of the two encoders' counts).
+        pooled_prompt_embeds: SDXL ``[B, P]`` pooled ``text_embeds`` of the prompts.
+        negative_pooled_prompt_embeds: SDXL ``[B, P]`` of the negatives (zeros when the
+            pipeline's ``force_zeros_for_empty_prompt`` applies), None without guidance.
     """
 
     prompt_embeds: torch.Tensor
@@ -141,6 +170,8 @@ class EncodedPrompts:
     num_images_per_prompt: int
     do_classifier_free_guidance: bool
     num_sequences: int
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     def pipeline_kwargs(
         self, cross_attention_kwargs: Mapping[str, Any] | None = None
@@ -151,12 +182,16 @@ class EncodedPrompts:
         """
         cak = dict(cross_attention_kwargs or {})
         cak[CONTEXTS_KWARG] = self.contexts
-        return {
+        out = {
             "prompt_embeds": self.prompt_embeds,
             "negative_prompt_embeds": self.negative_prompt_embeds,
             "num_images_per_prompt": self.num_images_per_prompt,
             "cross_attention_kwargs": cak,
         }
+        if self.pooled_prompt_embeds is not None:
+            out["pooled_prompt_embeds"] = self.pooled_prompt_embeds
+            out["negative_pooled_prompt_embeds"] = self.negative_pooled_prompt_embeds
+        return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -183,10 +218,12 @@ def _check_pipeline(pipe: Any) -> None:
                 "Diffusion text-to-image pipeline (tokenizer, text_encoder, unet)"
             )
     if _is_sdxl_pipeline(pipe):
-        raise XTIError(
-            f"{type(pipe).__name__}: SDXL pipelines are not supported by xti inference yet "
-            "(SD 1.x and 2.x only)"
-        )
+        for name in ("tokenizer_2", "text_encoder_2"):
+            if getattr(pipe, name, None) is None:
+                raise XTIError(
+                    f"this SDXL pipeline ({type(pipe).__name__}) has no {name}; xti needs both "
+                    "SDXL text encoders (tokenizer, text_encoder, tokenizer_2, text_encoder_2)"
+                )
 
 
 def _as_list(value: str | Sequence[str], batch: int, what: str) -> list[str]:
@@ -291,7 +328,8 @@ class XTIAdapter:
         >>> xti.unload()
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` (SD 1.x / 2.x) or a pipeline built on it.
+        pipe: a ``StableDiffusionPipeline`` (SD 1.x / 2.x), a ``StableDiffusionXLPipeline``, or a
+            pipeline built on either.
         granularity: ``block`` (one layer per cross-attention block, the DESIGN §2 names).
     """
 
@@ -301,7 +339,14 @@ class XTIAdapter:
         self.scheme: LayerScheme = layer_scheme(
             pipe.unet, "transformer" if granularity == "transformer" else "block"
         )
-        self._slots = [_EncoderSlot(None, pipe.tokenizer, pipe.text_encoder)]
+        self.is_sdxl = _is_sdxl_pipeline(pipe)
+        if self.is_sdxl:
+            self._slots = [
+                _EncoderSlot("clip_l", pipe.tokenizer, pipe.text_encoder),
+                _EncoderSlot("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
+            ]
+        else:
+            self._slots = [_EncoderSlot(None, pipe.tokenizer, pipe.text_encoder)]
         self._concepts: dict[str, Concept] = {}
         self._loaded = True
         current = pipe.unet.attn_processors
@@ -363,7 +408,13 @@ class XTIAdapter:
                 f"{where}: placeholder {name!r} is already loaded (from "
                 f"{self._concepts[name].source}); load it with another placeholder"
             )
-        concept = Concept(name, self._vectors_for_model(ef, where), where, dict(ef.metadata))
+        if self.is_sdxl:
+            by_encoder, pool = self._sdxl_vectors_for_model(ef, where)
+            concept = Concept(
+                name, by_encoder["clip_l"], where, dict(ef.metadata), by_encoder, pool
+            )
+        else:
+            concept = Concept(name, self._vectors_for_model(ef, where), where, dict(ef.metadata))
         candidate = [*self._concepts.values(), concept]
         for slot in self._slots:
             slot.sync(candidate)
@@ -392,6 +443,42 @@ class XTIAdapter:
                 f"encoder takes {width}-wide token embeddings"
             )
         return torch.stack([ef.vectors[k].float() for k in keys]).contiguous()
+
+    def _sdxl_vectors_for_model(
+        self, ef: EmbeddingFile, where: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        model_layers = self.scheme.names
+        if not ef.is_sdxl:
+            raise XTIError(
+                f"{where}: an SD 1.x/2.x file ({ef.family}, layers {_names(ef.layers)}) does not "
+                f"fit this SDXL pipeline (clip_l/clip_g, layers {_names(model_layers)})"
+            )
+        keys = _match_layers(ef.layers, self.scheme)
+        if keys is None:
+            raise XTIError(
+                f"{where}: its layers ({_names(ef.layers)}) do not fit this model's layers "
+                f"({_names(model_layers)})"
+            )
+        out: dict[str, torch.Tensor] = {}
+        for slot in self._slots:
+            assert slot.key is not None
+            width = slot.width()
+            stack = torch.stack([ef.layer_vectors(k, slot.key).float() for k in keys])
+            if stack.shape[-1] != width:
+                raise XTIError(
+                    f"{where}: its {slot.key} vectors are {stack.shape[-1]} wide but this "
+                    f"pipeline's {slot.key} text encoder takes {width}-wide token embeddings"
+                )
+            out[slot.key] = stack.contiguous()
+        pool = ef.vectors.get(POOL_KEY)
+        mode = ef.metadata.get("xti.pooled") or ("slot" if pool is not None else "mean")
+        if mode not in ("slot", "mean"):
+            raise XTIError(f"{where}: metadata xti.pooled must be slot or mean, got {mode!r}")
+        if mode == "slot" and pool is None:
+            raise XTIError(f"{where}: metadata xti.pooled is slot but the file has no {POOL_KEY}")
+        if pool is not None and pool.shape[-1] != out["clip_g"].shape[-1]:
+            raise XTIError(f"{where}: {POOL_KEY} has another width than the clip_g layers")
+        return out, (pool.float().contiguous() if mode == "slot" and pool is not None else None)
 
     def _check_loaded(self) -> None:
         if not self._loaded:
@@ -429,7 +516,9 @@ class XTIAdapter:
             num_images_per_prompt: images per prompt (the contexts are repeated accordingly).
             do_classifier_free_guidance: include the negatives (``guidance_scale > 1``).
             clip_skip: use the hidden states this many layers before the last (plus the final
-                layer norm), as diffusers' ``clip_skip``.
+                layer norm), as diffusers' ``clip_skip``; SDXL as its stock pipeline: both
+                encoders' hidden states ``clip_skip + 2`` from the end, no final layer norm, for
+                the prompts only (negatives keep the penultimate layer).
             lora_scale: scale of text-encoder LoRA layers for this call (PEFT backend).
         """
         self._check_loaded()
@@ -446,16 +535,37 @@ class XTIAdapter:
         # Per-layer prompt texts [L][B] and the negatives [B].
         per_layer = self._layer_texts(prompt, layer_prompts, batch)
         sides = [per_layer]
-        if do_classifier_free_guidance:
+        negs: list[str] = []
+        # SDXL's stock rule: no negative prompt given -> zero negative embeds and pooled embeds
+        zero_negatives = (
+            self.is_sdxl
+            and do_classifier_free_guidance
+            and negative_prompt is None
+            and bool(getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", 0))
+        )
+        if do_classifier_free_guidance and not zero_negatives:
             negs = _as_list("" if negative_prompt is None else negative_prompt, batch, "negative")
             sides.insert(0, [negs] * num_layers)
         sides = self._apply_mix(sides, mix)
 
-        slot = self._slots[0]
-        hidden, num_sequences = self._encode_slot(slot, sides, clip_skip, lora_scale)
-        # hidden: [S, L, B, T, D]
         device = self.pipe._execution_device
-        dtype = slot.text_encoder.dtype
+        pooled: torch.Tensor | None = None
+        if self.is_sdxl:
+            base = None if prompt is None else _as_list(prompt, batch, "prompt")
+            pool_texts = ([negs] if negs else []) + [base]
+            hidden, pooled, num_sequences = self._encode_sdxl(
+                sides, pool_texts, clip_skip, lora_scale
+            )
+            dtype = self._slots[1].text_encoder.dtype
+            pooled = pooled.to(device=device)
+            if zero_negatives:
+                hidden = torch.cat([torch.zeros_like(hidden), hidden])
+                pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        else:
+            slot = self._slots[0]
+            hidden, _, num_sequences = self._encode_slot(slot, sides, clip_skip, lora_scale)
+            dtype = slot.text_encoder.dtype
+        # hidden: [S, L, B, T, D]; pooled: [S, B, P] (SDXL)
         hidden = hidden.to(device=device, dtype=dtype)
         pos = hidden[-1]
         neg = hidden[0] if do_classifier_free_guidance else None
@@ -469,7 +579,71 @@ class XTIAdapter:
             num_images_per_prompt=n,
             do_classifier_free_guidance=do_classifier_free_guidance,
             num_sequences=num_sequences,
+            pooled_prompt_embeds=pooled[-1] if pooled is not None else None,
+            negative_pooled_prompt_embeds=(
+                pooled[0] if pooled is not None and do_classifier_free_guidance else None
+            ),
         )
+
+    def _encode_sdxl(
+        self,
+        sides: list[list[list[str]]],
+        pool_texts: list[list[str] | None],
+        clip_skip: int | None,
+        lora_scale: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """SDXL contexts ``[S, L, B, T, D1 + D2]`` and pooled ``text_embeds`` ``[S, B, P]``.
+
+        Each layer's context concatenates both encoders' hidden states for that layer's texts
+        and vectors. The pooled embeds of a side come from an extra ``POOL`` row of the second
+        encoder (the prompt as written, concepts at their ``clip_g.POOL`` vectors) when there is
+        a prompt and every concept in it has POOL vectors; otherwise they are the mean over the
+        layers' pooled outputs. Each encoder runs once.
+        """
+        num_layers = len(sides[0])
+        pattern = _placeholder_regex(self._concepts)
+        use_slot = all(t is not None for t in pool_texts)
+        if use_slot and pattern is not None:
+            for texts in pool_texts:
+                for text in texts or ():
+                    for m in pattern.finditer(text):
+                        if self._concepts[m.group(0)].pool is None:
+                            use_slot = False
+        slot_l, slot_g = self._slots
+        h1, _, n1 = self._encode_slot(slot_l, sides, clip_skip, lora_scale)
+        sides_g = sides
+        if use_slot:
+            sides_g = [[*side, texts] for side, texts in zip(sides, pool_texts, strict=True)]
+        h2, pooled, n2 = self._encode_slot(
+            slot_g, sides_g, clip_skip, lora_scale, pool_row=use_slot
+        )
+        if clip_skip:  # [S, L, B, 2, T, D]: as stock, clip_skip for prompts, -2 for negatives
+            h1 = torch.stack([h1[s, :, :, int(s < len(sides) - 1)] for s in range(len(sides))])
+            h2 = torch.stack([h2[s, :, :, int(s < len(sides) - 1)] for s in range(len(sides))])
+        assert pooled is not None  # [S, L(+1), B, width]: EOS hidden states, not yet projected
+        # The projection runs per side on [B, width], the shapes of the stock encode_prompt: a
+        # matmul over one row takes another CPU kernel than over several, and its last bits
+        # differ, so projecting all rows in one call would not be bit-identical to stock.
+        projection = slot_g.text_encoder.text_projection
+        with torch.no_grad():
+            rows = [num_layers] if use_slot else list(range(num_layers))
+            pooled = torch.stack(
+                [torch.stack([projection(pooled[s, i]) for i in rows]) for s in range(len(sides))]
+            )  # [S, 1 or L, B, P]
+        if h2.dtype != h1.dtype:  # as torch.concat in the stock encode_prompt
+            common = torch.promote_types(h1.dtype, h2.dtype)
+            h1, h2 = h1.to(common), h2.to(common)
+        contexts = torch.cat([h1, h2[:, :num_layers].to(h1.device)], dim=-1)
+        if use_slot:
+            pooled_out = pooled[:, 0]
+        else:
+            layer_pooled = pooled  # [S, L, B, P]
+            same = (layer_pooled == layer_pooled[:, :1]).all(dim=-1).all(dim=1)  # [S, B]
+            # equal layers give exactly their pooled output (a mean of equal floats may not)
+            pooled_out = torch.where(
+                same.unsqueeze(-1), layer_pooled[:, 0], layer_pooled.mean(dim=1)
+            )
+        return contexts, pooled_out, max(n1, n2)
 
     def _layer_texts(
         self,
@@ -545,8 +719,14 @@ class XTIAdapter:
         sides: list[list[list[str]]],
         clip_skip: int | None,
         lora_scale: float | None,
-    ) -> tuple[torch.Tensor, int]:
-        """Hidden states ``[S, L, B, T, D]`` of one encoder for all texts, in one call."""
+        *,
+        pool_row: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Hidden states ``[S, L, B, T, D]`` of one encoder for all texts, in one call, and for
+        SDXL's second encoder its final hidden states at EOS ``[S, L, B, width]`` (else None).
+
+        ``pool_row``: the last "layer" of ``sides`` is SDXL's POOL row (concepts read their
+        ``pool`` vectors there)."""
         tokenizer = slot.tokenizer
         num_sides, num_layers, batch = len(sides), len(sides[0]), len(sides[0][0])
         texts = [t for side in sides for layer in side for t in layer]
@@ -561,7 +741,7 @@ class XTIAdapter:
         rows = torch.tensor([row_of[t] for t in texts])
         ids = enc.input_ids[rows].view(num_sides, num_layers, batch, -1)
         mask = enc.attention_mask[rows].view(num_sides, num_layers, batch, -1)
-        ids, table, first = self._layer_ids(slot, ids)
+        ids, table, first = self._layer_ids(slot, ids, pool_row=pool_row)
 
         # Encode each distinct id row once, in order of first appearance.
         flat = ids.reshape(-1, ids.shape[-1])
@@ -575,7 +755,7 @@ class XTIAdapter:
                 first_rows.append(r)
             inverse.append(index_of[key])
         keep = torch.tensor(first_rows)
-        hidden = self._run_encoder(
+        hidden, pooled = self._run_encoder(
             slot,
             flat[keep],
             mask.reshape(-1, mask.shape[-1])[keep],
@@ -584,24 +764,33 @@ class XTIAdapter:
             clip_skip,
             lora_scale,
         )
-        out = hidden[torch.tensor(inverse, device=hidden.device)]
-        return out.view(num_sides, num_layers, batch, *hidden.shape[1:]), len(first_rows)
+        back = torch.tensor(inverse, device=hidden.device)
+        out = hidden[back].view(num_sides, num_layers, batch, *hidden.shape[1:])
+        if pooled is not None:
+            pooled = pooled[back.to(pooled.device)].view(num_sides, num_layers, batch, -1)
+        return out, pooled, len(first_rows)
 
     def _layer_ids(
-        self, slot: _EncoderSlot, ids: torch.Tensor
+        self, slot: _EncoderSlot, ids: torch.Tensor, *, pool_row: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Shift concept token ids to per-layer virtual ids.
 
-        Returns ``(ids, table, first)``: ``table`` is ``[V, N, d]`` (V = layers, N = all concept
-        tokens in id order) read by id ``first + v·N + k``; layers whose vector k equals an
-        earlier layer's bitwise use that layer's variant, so equal layers give equal rows.
+        Returns ``(ids, table, first)``: ``table`` is ``[V, N, d]`` (V = layers, plus SDXL's POOL
+        row with ``pool_row``; N = all concept tokens in id order) read by id ``first + v·N + k``;
+        layers whose vector k equals an earlier layer's bitwise use that layer's variant, so
+        equal layers give equal rows.
         """
         concepts = list(self._concepts.values())
         if not concepts:
             return ids, None, 0
-        table = torch.cat([c.vectors for c in concepts], dim=1)  # [L, N, d]
+        table = torch.cat([c.vectors_for(slot.key) for c in concepts], dim=1)  # [L, N, d]
+        if pool_row:
+            pools = [c.pool if c.pool is not None else c.vectors_for(slot.key)[0] for c in concepts]
+            table = torch.cat([table, torch.cat(pools).unsqueeze(0)])
         first = slot.first_ids[concepts[0].placeholder]
         num_layers, total = table.shape[0], table.shape[1]
+        if ids.shape[1] != num_layers:
+            raise AssertionError("texts and vector table disagree on the number of layers")
         same = (table.unsqueeze(0) == table.unsqueeze(1)).all(-1)  # [L, L, N]
         same |= torch.eye(num_layers, dtype=torch.bool).unsqueeze(-1)
         canon = same.int().argmax(dim=1)  # [L, N]: first layer with the same vector
@@ -621,7 +810,7 @@ class XTIAdapter:
         first: int,
         clip_skip: int | None,
         lora_scale: float | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         te = slot.text_encoder
         device = self.pipe._execution_device
         use_mask = bool(getattr(te.config, "use_attention_mask", False))
@@ -630,12 +819,26 @@ class XTIAdapter:
             flat = table.reshape(-1, table.shape[-1])
             handle = install_token_embedding(te, first, lambda: flat)
         scaled = _scale_lora(te, lora_scale)
+        pooled = None
         try:
             with torch.no_grad():
                 kwargs: dict[str, Any] = {}
                 if use_mask:
                     kwargs["attention_mask"] = mask.to(device)
-                if clip_skip is None:
+                if self.is_sdxl:
+                    # as the stock SDXL encode_prompt: penultimate (or clip_skip) hidden states,
+                    # no final layer norm; pooled from the 2nd encoder at the true EOS position
+                    out = te(ids.to(device), output_hidden_states=True, **kwargs)
+                    hidden = out.hidden_states[-((clip_skip or 0) + 2)]
+                    if clip_skip:  # stock encodes negatives at -2 whatever clip_skip says
+                        hidden = torch.stack([hidden, out.hidden_states[-2]], dim=1)
+                    if slot.key == "clip_g":
+                        # the final hidden state at the true EOS position; projected later in
+                        # the stock pipeline's batch shapes (see `_encode_sdxl`)
+                        last = out.last_hidden_state
+                        pos = eos_positions(ids, slot.tokenizer.eos_token_id).to(last.device)
+                        pooled = last[torch.arange(last.shape[0], device=last.device), pos]
+                elif clip_skip is None:
                     hidden = te(ids.to(device), **kwargs)[0]
                 else:
                     out = te(ids.to(device), output_hidden_states=True, **kwargs)
@@ -645,7 +848,7 @@ class XTIAdapter:
                 _unscale_lora(te, lora_scale)
             if handle is not None:
                 handle.remove()
-        return hidden
+        return hidden, pooled
 
     # ------------------------------------------------------------------ running
 
@@ -682,7 +885,12 @@ class XTIAdapter:
         the pipeline unchanged.
         """
         self._check_loaded()
-        for key in ("prompt_embeds", "negative_prompt_embeds"):
+        for key in (
+            "prompt_embeds",
+            "negative_prompt_embeds",
+            "pooled_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+        ):
             if key in pipeline_kwargs:
                 raise XTIError(f"{key} is made by xti; call the pipeline itself to pass your own")
         if guidance_scale is None:
@@ -801,7 +1009,7 @@ def load_xti(
     """Make an `XTIAdapter` for ``pipe`` and load embedding files into it.
 
     Args:
-        pipe: a stock SD 1.x / 2.x diffusers pipeline.
+        pipe: a stock SD 1.x / 2.x or SDXL diffusers pipeline.
         embeddings: a path, a list of paths (placeholders from the files' metadata), or
             ``{placeholder: path}``.
         allow_pickle: accept pickled files (read with ``weights_only=True``).
@@ -837,10 +1045,12 @@ def parse_assignments(items: Iterable[str], what: str, *, split_last: bool) -> d
 
 
 def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None) -> Any:
-    """Load a diffusers SD 1.x/2.x pipeline from a folder, a ``builtin:`` name or a hub id.
+    """Load a diffusers SD 1.x/2.x or SDXL pipeline from a folder, a ``builtin:`` name or a hub id
+    (the class comes from its ``model_index.json``).
 
     Args:
-        model: ``builtin:tiny-sd1``, a local diffusers folder, or a hub id (cached when offline).
+        model: ``builtin:tiny-sd1``, ``builtin:tiny-sdxl``, a local diffusers folder, or a hub id
+            (cached when offline).
         device: ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available.
         dtype: ``fp32``, ``fp16`` or ``bf16``; default fp16 on cuda, fp32 on cpu.
     """
@@ -1016,29 +1226,33 @@ def _decoded_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
 def _nearest_tokens(ef: EmbeddingFile, where: str, model: str, top_k: int) -> dict[str, Any]:
     from xti.kde import KDERegularizer
 
-    if ef.is_sdxl:
-        raise XTIError(f"{where}: nearest tokens for SDXL files are not supported yet")
-    tokenizer, text_encoder = _load_text_model(model)
-    weight = text_encoder.get_input_embeddings().weight.detach().float()
-    width = weight.shape[-1]
-    file_width = next(iter(ef.vectors.values())).shape[-1]
-    if file_width != width:
-        raise XTIError(
-            f"{where}: its vectors are {file_width} wide but the text encoder of {model} takes "
-            f"{width}-wide token embeddings"
-        )
-    special = [i for i in tokenizer.all_special_ids if 0 <= i < weight.shape[0]]
-    kde = KDERegularizer.from_embedding(weight, special, bandwidth=1.0)
-    k = max(1, min(int(top_k), kde.n))
+    # key prefix -> (tokenizer/text encoder subfolder suffix); SD 1.x/2.x keys have no prefix
+    groups = {"clip_l": "", "clip_g": "_2"} if ef.is_sdxl else {"": ""}
     out: dict[str, Any] = {}
-    for key, vectors in ef.vectors.items():
-        _, idx = kde.nearest(vectors.float(), k=k)
-        out[key] = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in idx]
+    for prefix, suffix in groups.items():
+        keys = [k for k in ef.vectors if not prefix or k.startswith(f"{prefix}.")]
+        tokenizer, text_encoder = _load_text_model(model, suffix)
+        weight = text_encoder.get_input_embeddings().weight.detach().float()
+        width = weight.shape[-1]
+        file_width = ef.vectors[keys[0]].shape[-1]
+        if file_width != width:
+            which = f"text_encoder{suffix}"
+            raise XTIError(
+                f"{where}: its {prefix or 'layer'} vectors are {file_width} wide but the "
+                f"{which} of {model} takes {width}-wide token embeddings"
+            )
+        special = [i for i in tokenizer.all_special_ids if 0 <= i < weight.shape[0]]
+        kde = KDERegularizer.from_embedding(weight, special, bandwidth=1.0)
+        k = max(1, min(int(top_k), kde.n))
+        for key in keys:
+            _, idx = kde.nearest(ef.vectors[key].float(), k=k)
+            out[key] = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in idx]
     return out
 
 
-def _load_text_model(model: str) -> tuple[Any, nn.Module]:
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _load_text_model(model: str, suffix: str = "") -> tuple[Any, nn.Module]:
+    """A model's tokenizer and text encoder (``suffix="_2"``: SDXL's second pair)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from xti.builders import BUILTIN_PREFIX, resolve_builtin
     from xti.models import looks_like_hub_id
@@ -1052,12 +1266,15 @@ def _load_text_model(model: str) -> tuple[Any, nn.Module]:
         location = path
     else:
         raise XTIError(f"model {path} does not exist (give a diffusers folder or a hub id)")
+    cls = CLIPTextModelWithProjection if suffix else CLIPTextModel
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder=f"tokenizer{suffix}")
+        text_encoder = cls.from_pretrained(location, subfolder=f"text_encoder{suffix}")
     except Exception as err:  # any loader failure becomes one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise XTIError(f"{path}: cannot load its tokenizer/text encoder ({first})") from None
+        raise XTIError(
+            f"{path}: cannot load its tokenizer{suffix}/text_encoder{suffix} ({first})"
+        ) from None
     return tokenizer, text_encoder.eval()
 
 

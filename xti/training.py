@@ -435,6 +435,7 @@ def train(
     _check_resolution(cfg, bundle.vae)
     encoders = bundle.text_encoders  # [(name, tokenizer, text encoder)]: one, or two for SDXL
     clean_tokenizer = copy.deepcopy(bundle.tokenizer)  # for validation pipelines
+    clean_tokenizer_2 = copy.deepcopy(bundle.tokenizer_2)  # SDXL's second one (None otherwise)
     tokens = {
         name: add_placeholder_tokens(tok, cfg.concept.placeholder, cfg.concept.n_vectors)
         for name, tok, _ in encoders
@@ -667,10 +668,7 @@ def train(
 
     def validate(step: int) -> None:
         """Sample with fixed seeds (main process; no_grad; hooks and devices restored after)."""
-        if sdxl:
-            logger.warning("validation samples are not available for SDXL yet; skipped")
-            return
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         template = DEFAULT_VALIDATION_PROMPTS.get(
             cfg.data.template, DEFAULT_VALIDATION_PROMPTS["object"]
@@ -684,16 +682,29 @@ def train(
         remove_training_hooks()
         vae_device = next(bundle.vae.parameters()).device
         try:
-            pipe = StableDiffusionPipeline(
-                vae=bundle.vae.to(device),
-                text_encoder=bundle.text_encoder,
-                tokenizer=clean_tokenizer,
-                unet=unet,
-                scheduler=DDIMScheduler.from_config(bundle.noise_scheduler.config),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config)
+            if sdxl:
+                pipe = StableDiffusionXLPipeline(
+                    vae=bundle.vae.to(device),
+                    text_encoder=bundle.text_encoder,
+                    text_encoder_2=bundle.text_encoder_2,
+                    tokenizer=clean_tokenizer,
+                    tokenizer_2=clean_tokenizer_2,
+                    unet=unet,
+                    scheduler=scheduler,
+                    add_watermarker=False,
+                )
+            else:
+                pipe = StableDiffusionPipeline(
+                    vae=bundle.vae.to(device),
+                    text_encoder=bundle.text_encoder,
+                    tokenizer=clean_tokenizer,
+                    unet=unet,
+                    scheduler=scheduler,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
             pipe.set_progress_bar_config(disable=True)
             with torch.no_grad(), accelerator.autocast():
                 vg = validation_grid(
