@@ -10,6 +10,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses (train.py, torchrun) too
+
+import torch  # noqa: E402
+
+# One intra-op thread: the tiny test models gain nothing from two, a second thread competing with
+# any other load on a 2-core machine made steps 50-100x slower, and exactness tests (resume, DDP,
+# bit-identity) must not depend on how a busy machine splits a reduction between threads.
+torch.set_num_threads(1)
 
 from pathlib import Path  # noqa: E402
 
