@@ -434,8 +434,10 @@ def train(
         bundle = load_model(cfg.model)
     _check_resolution(cfg, bundle.vae)
     encoders = bundle.text_encoders  # [(name, tokenizer, text encoder)]: one, or two for SDXL
-    clean_tokenizer = copy.deepcopy(bundle.tokenizer)  # for validation pipelines
-    clean_tokenizer_2 = copy.deepcopy(bundle.tokenizer_2)  # SDXL's second one (None otherwise)
+    # Validation pipelines need the tokenizers without our placeholder tokens; copy them only then.
+    validating = cfg.validation.every > 0
+    clean_tokenizer = copy.deepcopy(bundle.tokenizer) if validating else None
+    clean_tokenizer_2 = copy.deepcopy(bundle.tokenizer_2) if validating else None
     tokens = {
         name: add_placeholder_tokens(tok, cfg.concept.placeholder, cfg.concept.n_vectors)
         for name, tok, _ in encoders
