@@ -1,6 +1,6 @@
 """Train an XTI concept: ``python train.py [--config FILE] [key=value ...]``.
 
-Without ``--config`` it runs ``configs/tiny.yaml`` (the embedded default). Also runs under
+Without ``--config`` it runs ``configs/demo.yaml``: XTI on the embedded demo model and concept. Also runs under
 ``accelerate launch train.py --config ...``. Thin entry: the work is in `xti.cli` / `xti.training`.
 """
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xti.cli import main
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 if __name__ == "__main__":
     args = sys.argv[1:]

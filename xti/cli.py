@@ -26,6 +26,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.output_file is not None:
         last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
         print(f"wrote {result.output_file} ({result.steps} steps in {result.seconds:.1f} s{last})")
+    if result.samples_file is not None:
+        print(f"wrote {result.samples_file} (samples of the last validation)")
     if result.world_size > 1:
         # Several ranks with diffusers and transformers loaded sometimes abort at interpreter exit
         # after training finished (FACTS.md); leave without running those finalisers.

@@ -626,8 +626,21 @@ def demo_concept(name: str, n: int = 6) -> tuple[np.ndarray, list[Label]]:
     return np.stack([render(lab) for lab in labels]), labels
 
 
+def demo_caption(name: str, label: Label) -> str:
+    """Training caption of a demo-concept image: the placeholder ``<name>`` stands for what is new.
+
+    The object concept replaces colour, pattern and shape (``"a <striped-cross> on a gray
+    background"``); the style concept replaces colour and pattern and keeps the shape (``"a
+    <teal-dotted> star on a black background"``), in the grammar the demo model was trained on.
+    """
+    if DEMO_CONCEPTS[name]["kind"] == "object":
+        return f"a <{name}> on a {label.background} background"
+    return f"a <{name}> {label.shape} on a {label.background} background"
+
+
 def write_demo_concepts(folder: str, n: int = 6) -> list[str]:
-    """Write every `DEMO_CONCEPTS` entry as ``<folder>/<name>/NN.png`` + ``labels.json``."""
+    """Write every `DEMO_CONCEPTS` entry as ``<folder>/<name>/NN.png``, ``labels.json`` (generator
+    labels) and ``metadata.jsonl`` (training captions with the placeholder ``<name>``)."""
     import json
     from pathlib import Path
 
@@ -652,6 +665,11 @@ def write_demo_concepts(folder: str, n: int = 6) -> list[str]:
             "images": entries,
         }
         (out / "labels.json").write_text(json.dumps(meta, indent=2) + "\n")
+        captions = [
+            json.dumps({"file_name": f"{i:02d}.png", "text": demo_caption(name, lab)})
+            for i, lab in enumerate(labels)
+        ]
+        (out / "metadata.jsonl").write_text("\n".join(captions) + "\n")
         written.append(str(out))
     return written
 

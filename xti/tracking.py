@@ -78,7 +78,8 @@ def image_grid(
     w, h = images[0].size
     pad = 0
     if labels:
-        pad = max(8 * max(len(s) for s in labels) + 8, 16)
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        pad = int(max(measure.textlength(s) for s in labels)) + 12
     grid = Image.new("RGB", (pad + cols * w, rows * h), "white")
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
@@ -295,8 +296,13 @@ def validation_grid(
     mix_with: Any | None = None,
     mix_layers: str = "coarse",
     granularity: str = "block",
+    min_cell: int = 96,
 ) -> ValidationGrid:
     """Generate one image per (prompt, seed) with the concept, plus a style-mixing row.
+
+    The grid has one row per prompt (its text drawn on the left) and one column per seed; samples
+    smaller than `min_cell` pixels are enlarged by a whole factor (nearest neighbour), so that a
+    32-pixel demo model's samples can be looked at.
 
     Args:
         pipe: a stock Stable Diffusion pipeline built from the training components (no xti
@@ -319,12 +325,15 @@ def validation_grid(
         if mix_with is not None:
             other = "<xti-validation-mix>"
             xti.load(mix_with, other)
+            other_name = mix_with.metadata.get("xti.placeholder") or "mix_with"
         plan = [(p, None) for p in prompts]
         if other is not None:
             # later entries win: the other concept everywhere, then this one in mix_layers
             plan.append((prompts[0], {other: "all", placeholder: mix_layers}))
         for prompt, mix in plan:
-            rows.append(prompt if mix is None else f"{prompt} [{mix_layers}: this, rest: mix_with]")
+            rows.append(
+                prompt if mix is None else f"{prompt} [{mix_layers}: this, rest: {other_name}]"
+            )
             for seed in seeds:
                 out = xti(
                     prompt,
@@ -339,4 +348,8 @@ def validation_grid(
                 )
                 images.append(out.images[0])
     caption = " | ".join(f"row {i}: {r}" for i, r in enumerate(rows)) + f" | seeds {seeds}"
-    return ValidationGrid(image_grid(images, rows=len(rows)), caption, rows)
+    factor = -(-min_cell // min(images[0].size))
+    if factor > 1:
+        w, h = images[0].size
+        images = [im.resize((w * factor, h * factor), Image.NEAREST) for im in images]
+    return ValidationGrid(image_grid(images, rows=len(rows), labels=rows), caption, rows)

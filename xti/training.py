@@ -345,6 +345,7 @@ class TrainResult:
     seconds: float = 0.0
     trainable_shapes: list[tuple[int, ...]] = field(default_factory=list)
     all_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples_file: Path | None = None  # the last validation grid (PNG), when validation ran
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -849,6 +850,7 @@ def train(
         ranks_in_sync=in_sync,
         seconds=time.perf_counter() - t0,
         trainable_shapes=[tuple(p.shape) for g in optimizer.param_groups for p in g["params"]],
+        samples_file=last_grid[0] if last_grid else None,
     )
     if is_main:
         summary = {

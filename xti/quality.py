@@ -1,0 +1,234 @@
+"""How good a learned concept is, measured on the demo model with the generator's own labels.
+
+This module owns the three probes of `bench/quality.py` and their scores:
+
+- **reconstruction**: the training captions ("a <A> on a white background") should give back the
+  training images: their shape, colour and the prompted background (read with
+  `xti.procedural.measure`), and a small pixel distance to the nearest training image with that
+  background (patterns are left to the distance: the demo model does not draw them reliably enough
+  at 32 px for `measure` to read them back, even from plain words);
+- **editability**: "a blue <A> on a white background" should come out blue, and still be A's shape;
+- **mixing**: "a <A> …" with A's vectors in the layers that decide shape and a style concept B's in
+  the others should give A's shape in B's colour.
+
+Everything here is deterministic given the images: tests check the scoring on generator images, the
+bench script trains the concepts and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from xti import procedural as P
+
+EDIT_COLOURS: tuple[str, ...] = ("blue", "red", "green", "purple")
+"""Colours asked for by the editability probe (named in pretraining, none of them the concept's)."""
+
+DEMO_SHAPE_LAYERS = "IN04-OUT08"
+"""Where the demo model decides shape: every layer but the 16x16 ones (IN01, IN02, OUT09-OUT11).
+
+The `coarse` group (the two lowest resolutions: 4x4 and the 2x2 MID at the demo's 16x16 latents) is
+too coarse for a 20-pixel cross: with only those layers from the cross and the rest from a style,
+neither XTI nor TI drew a single cross (bench/quality.py with ``--mix-layers coarse``), while
+the 8x8 layers added give XTI crosses in every sample. On SD 1.5 at 64x64 latents the same objects
+span 4x more feature-map pixels, and `coarse` is the usual choice.
+"""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One prompt and what every image sampled from it should show.
+
+    `kind` is ``reconstruction``, ``editability`` or ``mixing``; `expect` maps attributes of
+    `xti.procedural.Measurement` (shape, colour, pattern, background) to the expected value; `mix`
+    and `layer_prompts` are passed to `xti.inference.XTIAdapter` (None: not used); `references` are
+    the images whose nearest one gives the pixel distance (empty: no distance).
+    """
+
+    kind: str
+    prompt: str
+    expect: Mapping[str, str]
+    mix: Mapping[str, str] | None = None
+    references: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    layer_prompts: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A demo concept as the probes see it: how prompts name it and what its images show.
+
+    `subject` is the words standing in prompts ("<striped-cross>", or a plain description such as
+    "orange striped cross" for a text-only baseline); `images` and `labels` are the training set.
+    """
+
+    subject: str
+    images: tuple[np.ndarray, ...]
+    labels: tuple[P.Label, ...]
+
+    def constant(self, attribute: str) -> str | None:
+        """The attribute's value when all training images share it, else None."""
+        values = {getattr(lab, attribute) for lab in self.labels}
+        return values.pop() if len(values) == 1 else None
+
+    def describe(self) -> str:
+        """The shared attributes in words, as pretraining captions put them ("orange striped cross")."""
+        caption = P.caption_for(
+            self.constant("shape"), self.constant("colour"), None, self.constant("pattern")
+        )
+        return caption.split(" ", 1)[1]
+
+
+def load_concept(folder: str | Path, subject: str | None = None) -> Concept:
+    """A demo-concept folder (``labels.json`` + images, see `xti.procedural.write_demo_concepts`);
+    `subject` defaults to the placeholder ``<concept name>``."""
+    folder = Path(folder)
+    meta = json.loads((folder / "labels.json").read_text())
+    images = tuple(
+        np.asarray(Image.open(folder / e["file"]).convert("RGB")) for e in meta["images"]
+    )
+    labels = tuple(P.Label.from_dict(e) for e in meta["images"])
+    return Concept(subject or f"<{meta['concept']}>", images, labels)
+
+
+def _article(words: str) -> str:
+    return "an" if words[:1] in "aeiou" else "a"
+
+
+def demo_probes(
+    obj: Concept,
+    style: Concept | None = None,
+    *,
+    edit_colours: Sequence[str] = EDIT_COLOURS,
+    shape_layers: str = DEMO_SHAPE_LAYERS,
+) -> list[Probe]:
+    """Probes of an object concept `obj` (shape and colour constant in its images), and,
+    with a style concept `style` (colour constant), the mixing probes.
+
+    `obj.subject` and `style.subject` must be placeholders for mixing to mean anything; with a plain
+    description as `obj.subject`, pass no `style`. Mixing puts `obj` in `shape_layers` (any
+    `xti.layers` selection) and `style` in all the others.
+    """
+    shape, colour = obj.constant("shape"), obj.constant("colour")
+    if shape is None or colour is None:
+        raise ValueError("the object concept's images must share one shape and one colour")
+    probes = []
+    for bg in P.BACKGROUNDS:
+        refs = tuple(
+            img for img, lab in zip(obj.images, obj.labels, strict=True) if lab.background == bg
+        )
+        expect = {"shape": shape, "colour": colour, "background": bg}
+        prompt = f"{_article(obj.subject)} {obj.subject} on a {bg} background"
+        probes.append(Probe("reconstruction", prompt, expect, references=refs or obj.images))
+    for c in edit_colours:
+        if c == colour:
+            continue
+        prompt = f"{_article(c)} {c} {obj.subject} on a white background"
+        probes.append(Probe("editability", prompt, {"shape": shape, "colour": c}))
+    if style is not None:
+        style_colour = style.constant("colour")
+        if style_colour is None:
+            raise ValueError("the style concept's images must share one colour")
+        for bg in P.BACKGROUNDS:
+            prompt = f"{_article(obj.subject)} {obj.subject} on a {bg} background"
+            probes.append(
+                Probe(
+                    "mixing",
+                    prompt,
+                    {"shape": shape, "colour": style_colour},
+                    # later entries win: the style everywhere, then the object's shape layers
+                    mix={style.subject: "all", obj.subject: shape_layers},
+                )
+            )
+    return probes
+
+
+def mixing_control_probes(
+    obj: Concept, style: Concept, word: str, *, shape_layers: str = DEMO_SHAPE_LAYERS
+) -> list[Probe]:
+    """The mixing probes with a plain `word` (e.g. the style's initializer) instead of the style's
+    vectors in the other layers: kind ``control``, expecting the style's colour, which a word that
+    does not name it should rarely give. Shows that the mixing colour comes from the style's vectors."""
+    probes = []
+    for p in demo_probes(obj, style, edit_colours=(), shape_layers=shape_layers):
+        if p.kind == "mixing":
+            probes.append(
+                Probe(
+                    "control",
+                    p.prompt.replace(obj.subject, word),
+                    p.expect,
+                    layer_prompts={shape_layers: p.prompt},
+                )
+            )
+    return probes
+
+
+def image_distance(image: np.ndarray, references: Sequence[np.ndarray]) -> float:
+    """Root-mean-square pixel distance (0-1 scale) from `image` to the nearest of `references`."""
+    a = image.astype(np.float32) / 255.0
+    return min(float(np.sqrt(np.mean((a - r.astype(np.float32) / 255.0) ** 2))) for r in references)
+
+
+def score_images(images: Sequence[np.ndarray], probe: Probe) -> dict[str, list[float]]:
+    """Per-image hits of one probe: ``{attribute: [1.0/0.0, ...]}``, ``all`` (every expected
+    attribute at once) and ``distance`` when the probe has references."""
+    out: dict[str, list[float]] = {a: [] for a in probe.expect}
+    out["all"] = []
+    if probe.references:
+        out["distance"] = []
+    for img in images:
+        m = P.measure(img)
+        hits = [getattr(m, a) == v for a, v in probe.expect.items()]
+        for a, hit in zip(probe.expect, hits, strict=True):
+            out[a].append(float(hit))
+        out["all"].append(float(all(hits)))
+        if probe.references:
+            out["distance"].append(image_distance(img, probe.references))
+    return out
+
+
+def evaluate(
+    sample: Callable[[Probe], Sequence[np.ndarray]], probes: Sequence[Probe]
+) -> dict[str, float]:
+    """Mean scores over `probes`, keyed ``"<kind>.<metric>"`` (e.g. ``reconstruction.shape``).
+
+    `sample(probe)` returns the images (uint8 HxWx3) generated for the probe, typically one per seed.
+    """
+    pooled: dict[str, list[float]] = {}
+    for probe in probes:
+        for metric, values in score_images(sample(probe), probe).items():
+            pooled.setdefault(f"{probe.kind}.{metric}", []).extend(values)
+    return {k: float(np.mean(v)) for k, v in pooled.items()}
+
+
+def adapter_sampler(
+    adapter: Any,
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int = 12,
+    guidance_scale: float = 4.0,
+) -> Callable[[Probe], list[np.ndarray]]:
+    """`evaluate`'s ``sample``: one image per seed from an `xti.inference.XTIAdapter` (one batched
+    pipeline call per probe, a seeded generator per image)."""
+    import torch
+
+    def sample(probe: Probe) -> list[np.ndarray]:
+        out = adapter(
+            probe.prompt,
+            mix=dict(probe.mix) if probe.mix else None,
+            layer_prompts=dict(probe.layer_prompts) if probe.layer_prompts else None,
+            num_images_per_prompt=len(seeds),
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="np",
+        )
+        return [(im * 255).round().astype(np.uint8) for im in out.images]
+
+    return sample
