@@ -1,7 +1,8 @@
 """Train an XTI concept: ``python train.py [--config FILE] [key=value ...]``.
 
-Without ``--config`` it runs ``configs/demo.yaml``: XTI on the embedded demo model and concept. Also runs under
-``accelerate launch train.py --config ...``. Thin entry: the work is in `xti.cli` / `xti.training`.
+Without ``--config`` it runs ``configs/demo.yaml``: XTI on the embedded demo model and concept.
+Also runs under ``accelerate launch train.py --config ...``. Thin entry: the work is in `xti.cli`
+and `xti.training`.
 """
 
 import sys

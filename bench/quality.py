@@ -149,6 +149,7 @@ def main() -> None:
                     Q.demo_probes(obj, style, shape_layers=args.mix_layers),
                 )
             rows.append((MODES.get(mode, mode), str(budget), scores))
+            print(f"  scored {rows[-1][0]} at {budget} steps", flush=True)
         with XTIAdapter(
             pipe
         ) as xti:  # control: the style's initializer word instead of its vectors

@@ -195,6 +195,16 @@ def test_demo_concepts_on_disk(name):
         assert len({(lab.colour, lab.pattern) for lab in labels}) == 1
         assert len({lab.shape for lab in labels}) >= 3
         assert labels[0].colour not in P.NAMED_COLOURS
+    # training captions: the placeholder stands for what is new, the rest in pretraining's grammar
+    captions = {}
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        captions[row["file_name"]] = row["text"]
+    assert captions == {
+        e["file"]: P.demo_caption(name, lab) for e, lab in zip(entries, labels, strict=True)
+    }
+    kept = "" if meta["kind"] == "object" else f" {labels[0].shape}"
+    assert captions["00.png"] == f"a <{name}>{kept} on a {labels[0].background} background"
 
 
 def test_coloured_full_frame_has_no_background():

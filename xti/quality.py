@@ -46,8 +46,8 @@ span 4x more feature-map pixels, and `coarse` is the usual choice.
 class Probe:
     """One prompt and what every image sampled from it should show.
 
-    `kind` is ``reconstruction``, ``editability`` or ``mixing``; `expect` maps attributes of
-    `xti.procedural.Measurement` (shape, colour, pattern, background) to the expected value; `mix`
+    `kind` is ``reconstruction``, ``editability``, ``mixing`` or ``control``; `expect` maps
+    attributes of `xti.procedural.Measurement` (shape, colour, background) to the expected value; `mix`
     and `layer_prompts` are passed to `xti.inference.XTIAdapter` (None: not used); `references` are
     the images whose nearest one gives the pixel distance (empty: no distance).
     """

@@ -855,6 +855,7 @@ def train(
     if is_main:
         summary = {
             "output_file": str(output_file) if output_file else None,
+            "samples_file": str(last_grid[0]) if last_grid else None,
             "steps": step,
             "final_loss": losses[-1][1] if losses else None,
             "world_size": world,
