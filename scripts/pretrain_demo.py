@@ -51,6 +51,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from xti import procedural as P
+from xti.builders import TINY_VAE_CONFIG
 from xti.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, build_clip_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -94,18 +95,9 @@ UNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": TEXT_CONFIG["hidden_size"],
 }
 
-VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "sample_size": 32,
-    "scaling_factor": 1.0,
-}
+# The builtin tiny VAE's architecture (32x32 images to 16x16x4 latents); the scaling factor is
+# measured after the VAE is trained.
+VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "scaling_factor": 1.0}
 
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,

@@ -16,7 +16,7 @@ How a concept lives in the text encoder without touching its vocabulary:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +42,17 @@ class PlaceholderTokens:
         return prompt.replace(self.placeholder, " ".join(self.tokens))
 
 
+def expansion_tokens(placeholder: str, n_vectors: int) -> tuple[str, ...]:
+    """The tokens a placeholder expands to: itself, then ``<p>_1`` … (stock diffusers TI's naming)."""
+    return tuple([placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)])
+
+
+def token_in_vocabulary(tokenizer, tokens: Sequence[str]) -> str | None:
+    """The first of `tokens` the tokenizer already has (as a word or a word piece), else None."""
+    vocab = tokenizer.get_vocab()
+    return next((t for t in tokens if t in vocab or f"{t}</w>" in vocab), None)
+
+
 def add_placeholder_tokens(tokenizer, placeholder: str, n_vectors: int) -> PlaceholderTokens:
     """Add the placeholder's tokens to the tokenizer (they must be new and get consecutive ids).
 
@@ -50,14 +61,13 @@ def add_placeholder_tokens(tokenizer, placeholder: str, n_vectors: int) -> Place
     """
     if n_vectors < 1:
         raise XTIError(f"concept.n_vectors must be >= 1, got {n_vectors}")
-    tokens = tuple([placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)])
-    vocab = tokenizer.get_vocab()
-    for tok in tokens:
-        if tok in vocab or f"{tok}</w>" in vocab:
-            raise XTIError(
-                f"concept.placeholder: '{tok}' is already in the tokenizer vocabulary; "
-                "choose a new word such as <my-concept>"
-            )
+    tokens = expansion_tokens(placeholder, n_vectors)
+    clash = token_in_vocabulary(tokenizer, tokens)
+    if clash is not None:
+        raise XTIError(
+            f"concept.placeholder: '{clash}' is already in the tokenizer vocabulary; "
+            "choose a new word such as <my-concept>"
+        )
     added = tokenizer.add_tokens(list(tokens))
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     if added != len(tokens) or ids != list(range(ids[0], ids[0] + len(ids))):

@@ -74,7 +74,12 @@ import torch
 from torch import nn
 
 from xti.attention import CONTEXTS_KWARG, XTIAttnProcessor, install_processors
-from xti.embeddings import eos_positions, install_token_embedding
+from xti.embeddings import (
+    eos_positions,
+    expansion_tokens,
+    install_token_embedding,
+    token_in_vocabulary,
+)
 from xti.errors import XTIError
 from xti.export import (
     POOL_KEY,
@@ -289,14 +294,12 @@ class _EncoderSlot:
         tokenizer = copy.deepcopy(self.source_tokenizer)
         first_ids: dict[str, int] = {}
         for c in concepts:
-            tokens = _concept_tokens(c.placeholder, c.n_vectors)
-            vocab = tokenizer.get_vocab()
-            for tok in tokens:
-                if tok in vocab or f"{tok}</w>" in vocab:
-                    raise XTIError(
-                        f"placeholder {c.placeholder!r} is already a token of this pipeline's "
-                        "tokenizer; load the file with another placeholder"
-                    )
+            tokens = expansion_tokens(c.placeholder, c.n_vectors)
+            if token_in_vocabulary(tokenizer, tokens) is not None:
+                raise XTIError(
+                    f"placeholder {c.placeholder!r} is already a token of this pipeline's "
+                    "tokenizer; load the file with another placeholder"
+                )
             tokenizer.add_tokens(list(tokens))
             ids = tokenizer.convert_tokens_to_ids(list(tokens))
             if ids != list(range(ids[0], ids[0] + len(ids))):
@@ -305,11 +308,6 @@ class _EncoderSlot:
         self.tokenizer = tokenizer
         self.base_len = len(self.source_tokenizer)
         self.first_ids = first_ids
-
-
-def _concept_tokens(placeholder: str, n_vectors: int) -> tuple[str, ...]:
-    """The tokens a placeholder expands to (the naming stock diffusers TI uses too)."""
-    return tuple([placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)])
 
 
 class XTIAdapter:
@@ -709,7 +707,7 @@ class XTIAdapter:
         if pattern is None:
             return text
         return pattern.sub(
-            lambda m: " ".join(_concept_tokens(m.group(0), self._concepts[m.group(0)].n_vectors)),
+            lambda m: " ".join(expansion_tokens(m.group(0), self._concepts[m.group(0)].n_vectors)),
             text,
         )
 

@@ -118,13 +118,15 @@ def demo_probes(
     shape, colour = obj.constant("shape"), obj.constant("colour")
     if shape is None or colour is None:
         raise ValueError("the object concept's images must share one shape and one colour")
+    on_background = {
+        bg: f"{_article(obj.subject)} {obj.subject} on a {bg} background" for bg in P.BACKGROUNDS
+    }
     probes = []
-    for bg in P.BACKGROUNDS:
+    for bg, prompt in on_background.items():
         refs = tuple(
             img for img, lab in zip(obj.images, obj.labels, strict=True) if lab.background == bg
         )
         expect = {"shape": shape, "colour": colour, "background": bg}
-        prompt = f"{_article(obj.subject)} {obj.subject} on a {bg} background"
         probes.append(Probe("reconstruction", prompt, expect, references=refs or obj.images))
     for c in edit_colours:
         if c == colour:
@@ -135,8 +137,7 @@ def demo_probes(
         style_colour = style.constant("colour")
         if style_colour is None:
             raise ValueError("the style concept's images must share one colour")
-        for bg in P.BACKGROUNDS:
-            prompt = f"{_article(obj.subject)} {obj.subject} on a {bg} background"
+        for prompt in on_background.values():
             probes.append(
                 Probe(
                     "mixing",
