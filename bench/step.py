@@ -169,7 +169,7 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = compute_loss(m, batch, sets["text_encoder"]())
+            loss, _ = compute_loss(m, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

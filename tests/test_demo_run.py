@@ -8,6 +8,7 @@ cross in the style's colour, which the style's initializer word in its place doe
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -54,12 +55,15 @@ def test_bare_train_py_runs_the_demo_and_writes_embedding_and_sample_grid(tmp_pa
 
 
 @pytest.mark.slow
-def test_demo_training_learns_the_concept_and_mixes_with_the_shipped_style(tmp_path):
+def test_demo_training_learns_the_concept_and_mixes_with_the_shipped_style(tmp_path, caplog):
     cfg = load_config(
         REPO / "configs" / "demo.yaml",
         [f"output_dir={tmp_path}", "train.max_steps=100", "validation.every=0"],
     )
+    assert cfg.kde.weight > 0, "the demo shows the KDE term at work"
+    caplog.set_level(logging.WARNING, logger="xti")
     learned = train(cfg, progress=False).output_file
+    assert not [r for r in caplog.records if "looks frozen" in r.getMessage()]
     pipe = load_pipeline(str(REPO / "data" / "demo-model"))
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(8))

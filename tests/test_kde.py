@@ -1,14 +1,24 @@
-"""Tests for xti.kde: values and gradients against a float64 brute force, Scott's rule, nearest."""
+"""Tests for xti.kde: values and gradients against a float64 brute force, the nearest-neighbour
+bandwidth, reference rows, the relative gradient weighting, nearest."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from xti.kde import KDERegularizer, scott_bandwidth, vocabulary_matrix, vocabulary_row_ids
+from xti.kde import (
+    KDERegularizer,
+    add_relative_kde_gradient,
+    bandwidth_sample_rows,
+    nearest_neighbour_bandwidth,
+    reference_row_ids,
+    vocabulary_matrix,
+    vocabulary_row_ids,
+)
 
 N, D = 5000, 32
 
@@ -80,26 +90,119 @@ def test_single_vector_gives_scalar(vocab: torch.Tensor) -> None:
     assert out.shape == () and out.dtype == torch.float32
 
 
-def test_scott_bandwidth_matches_numpy(vocab: torch.Tensor) -> None:
-    arr = vocab.double().numpy()
-    n, d = arr.shape
-    expected = np.std(arr, axis=0, ddof=1).mean() * n ** (-1.0 / (d + 4))
-    assert scott_bandwidth(vocab) == pytest.approx(expected, rel=1e-5)
-    assert KDERegularizer(vocab).bandwidth == pytest.approx(expected, rel=1e-5)
+def numpy_nn_median(rows: np.ndarray) -> float:
+    """Independent reference: every row's distance to its nearest other row, numpy's median."""
+    d = np.sqrt(((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    return float(np.median(d.min(axis=1)))
+
+
+def test_nearest_neighbour_bandwidth_matches_numpy(vocab: torch.Tensor) -> None:
+    small = vocab[:301]  # odd and even counts: numpy's median averages the two middle values
+    for rows in (small, small[:300]):
+        expected = numpy_nn_median(rows.double().numpy())
+        assert nearest_neighbour_bandwidth(rows, chunk_size=64) == pytest.approx(expected, rel=1e-5)
+        assert KDERegularizer(rows).bandwidth == pytest.approx(expected, rel=1e-5)
+    # Above the sample size, the sampled rows' nearest neighbours are searched among ALL rows.
+    picked = bandwidth_sample_rows(N, 500)
+    assert len(picked) == 500 and torch.equal(picked, bandwidth_sample_rows(N, 500))
+    assert torch.equal(bandwidth_sample_rows(300, 500), torch.arange(300))
+    full = vocab.double().numpy()
+    d = np.sqrt(((full[picked.numpy(), None, :] - full[None, :, :]) ** 2).sum(-1))
+    d[np.arange(500), picked.numpy()] = np.inf
+    expected = float(np.median(d.min(axis=1)))
+    got = nearest_neighbour_bandwidth(vocab, sample=500, chunk_size=777)
+    assert got == pytest.approx(expected, rel=1e-5)
+    # Scale-equivariant: h follows the table's scale, unlike Scott's rule whose h is about the
+    # per-dimension std and ignores how far apart neighbours are.
+    assert nearest_neighbour_bandwidth(small * 3) == pytest.approx(
+        3 * numpy_nn_median(small.double().numpy()), rel=1e-5
+    )
 
 
 def test_bad_inputs_are_refused(vocab: torch.Tensor) -> None:
     with pytest.raises(ValueError):
-        scott_bandwidth(vocab[:1])
+        nearest_neighbour_bandwidth(vocab[:1])
     with pytest.raises(ValueError):
         KDERegularizer(vocab, bandwidth=0.0)
     with pytest.raises(ValueError):
-        KDERegularizer(torch.ones(10, 4))  # zero spread: Scott's bandwidth is 0
+        KDERegularizer(torch.ones(10, 4))  # identical rows: the nearest-neighbour distance is 0
     kde = KDERegularizer(vocab)
     with pytest.raises(ValueError):
         kde(torch.zeros(3, D + 1))
     with pytest.raises(ValueError):
         kde.nearest(torch.zeros(D), k=0)
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+    from xti.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer()
+
+
+def test_reference_rows_are_the_vocabulary_or_the_listed_words(clip_tokenizer) -> None:
+    tok = copy.deepcopy(clip_tokenizer)
+    tok.add_tokens(["<new-thing>"])  # added tokens (placeholders) are never reference rows
+    rows = reference_row_ids(tok, "vocabulary", 49408)
+    assert len(rows) == 49406 and 49406 not in rows and 49407 not in rows and rows[-1] == 49405
+    words = ["red", "circle", "a photo"]
+    expected = sorted(
+        {t for w in words for t in clip_tokenizer(w, add_special_tokens=False).input_ids}
+    )
+    assert reference_row_ids(tok, words, 49408).tolist() == expected
+    assert expected == sorted({736, 7117, 320, 1125})  # red, circle, a, photo
+    table = torch.randn(49408, 8, generator=torch.Generator().manual_seed(0))
+    kde = KDERegularizer.from_reference(table, tok, words)
+    assert kde.n == 4 and torch.equal(kde.row_ids, torch.tensor(expected))
+    assert kde.reference_norm == pytest.approx(float(table[expected].norm(dim=1).mean()), rel=1e-6)
+    _, idx = kde.nearest(table[[7117]] + 0.01)
+    assert idx.item() == 7117
+    for bad in (["<new-thing>"], ["red"], [""], "everything"):
+        with pytest.raises(ValueError):
+            reference_row_ids(tok, bad, 49408)
+
+
+def test_relative_weighting_adds_lambda_times_the_diffusion_norm_along_dk(
+    vocab: torch.Tensor,
+) -> None:
+    rows = vocab[:400]
+    kdes = {"a": KDERegularizer(rows, chunk_size=128), "b": KDERegularizer(rows[:, :16] * 2)}
+    g = torch.Generator().manual_seed(7)
+    params = {
+        "a": (rows[:6].reshape(3, 2, D) + 0.3 * torch.randn(3, 2, D, generator=g)).requires_grad_(
+            True
+        ),
+        "b": (rows[:4, :16] * 2 + torch.randn(4, 16, generator=g)).requires_grad_(True),
+    }
+    diffusion = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    for k, p in params.items():
+        p.grad = diffusion[k].clone()
+    lam = 0.25
+    stats = add_relative_kde_gradient(params, kdes, lam)
+    for k, p in params.items():
+        # Independent: float64 brute-force K = mean kde over all of this encoder's vectors.
+        e = p.detach().double().requires_grad_(True)
+        ref_rows = rows if k == "a" else rows[:, :16] * 2
+        brute_kde(e, ref_rows, kdes[k].bandwidth).mean().backward()
+        added = (p.grad - diffusion[k]).double()
+        assert added.norm().item() == pytest.approx(lam * diffusion[k].norm().item(), rel=1e-5)
+        cos = torch.nn.functional.cosine_similarity(added.flatten(), e.grad.flatten(), dim=0)
+        assert cos.item() == pytest.approx(1.0, abs=1e-6)
+        assert stats[k].grad_diffusion == pytest.approx(diffusion[k].norm().item(), rel=1e-6)
+        assert stats[k].grad_kde == pytest.approx(e.grad.norm().item(), rel=1e-4)
+        assert stats[k].effective_weight == pytest.approx(
+            lam * stats[k].grad_diffusion / stats[k].grad_kde, rel=1e-6
+        )
+    # λ = 0 leaves the gradient untouched; a non-finite diffusion gradient gets nothing added.
+    for k, p in params.items():
+        p.grad = diffusion[k].clone()
+    add_relative_kde_gradient(params, kdes, 0.0)
+    assert all(torch.equal(p.grad, diffusion[k]) for k, p in params.items())
+    params["a"].grad[0, 0, 0] = float("inf")
+    before = params["a"].grad.clone()
+    assert add_relative_kde_gradient({"a": params["a"]}, kdes, 1.0)["a"].effective_weight == 0.0
+    assert torch.equal(params["a"].grad, before)
 
 
 def test_nearest_returns_the_equal_row(vocab: torch.Tensor) -> None:

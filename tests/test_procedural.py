@@ -180,15 +180,16 @@ def test_demo_concepts_on_disk(name):
         assert on_disk.shape[0] >= 32 and np.array_equal(on_disk, img)
         assert P.Label.from_dict(entry) == lab
         m = P.measure(on_disk)
-        assert (m.shape, m.colour, m.background, m.pattern) == (
+        assert (m.shape, m.colour, m.background, m.pattern, m.size_class) == (
             lab.shape,
             lab.colour,
             lab.background,
             lab.pattern,
+            lab.size_class,
         )
     if meta["kind"] == "object":
         # never drawn in pretraining, and one object: same shape, colour and pattern throughout
-        assert all(P.is_held_out(lab) for lab in labels)
+        assert all(P.never_in_pretraining(lab) for lab in labels)
         assert len({(lab.shape, lab.colour, lab.pattern) for lab in labels}) == 1
     else:
         # a style: one colour and pattern over several shapes, colour never named in captions
@@ -205,6 +206,35 @@ def test_demo_concepts_on_disk(name):
     }
     kept = "" if meta["kind"] == "object" else f" {labels[0].shape}"
     assert captions["00.png"] == f"a <{name}>{kept} on a {labels[0].background} background"
+
+
+def test_what_pretraining_never_draws(batch):
+    # pretraining's own draws (generate_batch with exclude=is_held_out, defaults otherwise) never are
+    _, labels = P.generate_batch(200, seed=99, exclude=P.is_held_out)
+    assert not any(P.never_in_pretraining(lab) for lab in labels)
+    # and the unconstrained generator's striped crosses are, by HELD_OUT
+    _, labels = batch
+    assert {P.never_in_pretraining(lab) for lab in labels} == {True, False}
+    assert all(P.never_in_pretraining(lab) == P.is_held_out(lab) for lab in labels)
+    # sizes outside SIZE_RANGE (at any resolution) are, whatever the combination
+    lo, hi = P.SIZE_RANGE
+    assert P.never_in_pretraining(P.Label("circle", "red", "white", size=hi + 1))
+    assert P.never_in_pretraining(P.Label("circle", "red", "white", size=lo - 1))
+    assert not P.never_in_pretraining(P.Label("circle", "red", "white", size=2 * hi, resolution=64))
+    assert P.never_in_pretraining(P.Label("circle", "red", "white", size=2 * hi + 2, resolution=64))
+    # pretraining's biggest shapes never measure giant; giant labels are exactly the oversized ones
+    _, labels = P.generate_batch(60, seed=5, size_range=(P.SIZE_RANGE[1],) * 2)
+    assert {P.measure(P.render(lab)).size_class for lab in labels} == {"normal"}
+    assert {lab.size_class for lab in labels} == {"normal"}
+    assert P.Label("circle", "red", "white", size=P.SIZE_RANGE[1] + 1).size_class == "giant"
+    assert P.Label("circle", "red", "white", size=P.SIZE_RANGE[0] - 1).size_class == "small"
+    assert P.measure(np.full((32, 32, 3), 128, np.uint8)).size_class is None
+    # the demo objects: the giant ones are new by size alone, striped-cross by HELD_OUT alone
+    assert P.DEMO_OBJECTS == ("striped-cross", "giant-dotted-diamond", "giant-striped-triangle")
+    for name in P.DEMO_OBJECTS:
+        _, labels = P.demo_concept(name)
+        held_out = {P.is_held_out(lab) for lab in labels}
+        assert held_out == ({True} if name == "striped-cross" else {False}), name
 
 
 def test_coloured_full_frame_has_no_background():

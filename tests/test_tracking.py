@@ -31,7 +31,8 @@ def mix_file(tiny_model, tmp_path_factory) -> Path:
 
 
 SCALARS = {"loss", "loss_smoothed", "mse", "kde", "lr", "grad_norm", "step_time", "samples_per_s",
-           "peak_memory_gb", "norm/IN01", "norm/MID", "kde/OUT11"}  # fmt: skip
+           "peak_memory_gb", "norm/IN01", "norm/MID", "kde/OUT11", "vectors/moved",
+           "grad_norm/diffusion", "grad_norm/kde", "kde/effective_weight"}  # fmt: skip
 
 
 def test_wandb_offline_run_holds_scalars_images_and_tables(

@@ -143,7 +143,7 @@ def test_resume_is_exact(tiny_model, tmp_path):
         "train.checkpoint_every=2",
         "train.lr_scheduler=cosine",
         "train.gradient_accumulation_steps=2",
-        "kde.weight=0.001",
+        "kde.weight=0.5",
     )
     straight = train(make_cfg(tiny_model, tmp_path / "straight", *common), progress=False)
     first = train(

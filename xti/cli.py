@@ -11,10 +11,12 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
 from xti.errors import XTIError
+from xti.paths import check_file_name, check_output_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -104,10 +106,16 @@ def _parse_size(text: str | None) -> tuple[int | None, int | None]:
         raise XTIError(f"--size: expected N or WxH (e.g. 512 or 512x768), got {text!r}") from None
     if width < 8 or height < 8:
         raise XTIError(f"--size: {text!r} is too small")
+    if width % 8 or height % 8:
+        raise XTIError(f"--size: {text!r}: width and height must be multiples of 8 (e.g. 512, 768)")
+    if width > 8192 or height > 8192:
+        raise XTIError(f"--size: {text!r} is too large (at most 8192 per side)")
     return width, height
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import math
+
     import torch
 
     from xti.export import load_embedding_file
@@ -121,9 +129,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.count < 1 or args.steps < 1:
         raise XTIError("--count and --steps must be >= 1")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise XTIError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    check_file_name(args.name, "--name")
+    check_output_dir(args.out_dir, "--out-dir")  # before generating, not after
     mix = parse_assignments(args.mix or [], "--mix", split_last=True)
     layer_prompts = parse_assignments(args.layer_prompt or [], "--layer-prompt", split_last=False)
     width, height = _parse_size(args.size)
+    freeu = None
+    if args.freeu:
+        try:
+            freeu = tuple(float(x) for x in args.freeu.split(","))
+        except ValueError:
+            raise XTIError("--freeu: expected four numbers s1,s2,b1,b2") from None
+        if len(freeu) != 4 or not all(math.isfinite(x) for x in freeu):
+            raise XTIError("--freeu: expected four finite numbers s1,s2,b1,b2")
     embeddings = _embedding_args(args.embedding or [])
     for _, path in embeddings:  # fail on a bad file before the model loads
         load_embedding_file(path, allow_pickle=args.allow_pickle)
@@ -137,11 +157,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             pipe.load_lora_weights(args.lora)
         except Exception as err:  # missing peft, bad file...: one line
             raise XTIError(f"--lora {args.lora}: {type(err).__name__}: {err}") from None
-    if args.freeu:
-        try:
-            s1, s2, b1, b2 = (float(x) for x in args.freeu.split(","))
-        except ValueError:
-            raise XTIError("--freeu: expected four numbers s1,s2,b1,b2") from None
+    if freeu is not None:
+        s1, s2, b1, b2 = freeu
         pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
     adapter = XTIAdapter(pipe)
     try:
@@ -318,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except XTIError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during training (xti.runs.StopSignals)
+        signum = getattr(err, "signum", 2)
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum

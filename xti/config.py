@@ -7,6 +7,7 @@ YAML file (optional), applies dotted overrides such as ``train.lr=1e-3`` and val
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,10 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from xti.errors import XTIError
+from xti.paths import file_name_problem
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every number must be finite: `train.lr=.inf` is an input error, not a diverged run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -90,7 +93,10 @@ class ConceptConfig(_Section):
         "object", description="Word(s) whose embeddings initialise the vectors."
     )
     n_vectors: int = Field(
-        1, ge=1, description="Vectors per layer; the placeholder expands to this many tokens."
+        1,
+        ge=1,
+        le=75,
+        description="Vectors per layer; the placeholder expands to this many tokens (at most 75, CLIP's 77 minus start and end, less the prompt's other words).",
     )
 
     @field_validator("placeholder")
@@ -125,11 +131,42 @@ class KDEConfig(_Section):
     """KDE regulariser keeping vectors in dense regions of the vocabulary (DESIGN §4)."""
 
     weight: float = Field(
-        0.0, ge=0.0, description="Loss weight λ of the mean KDE term; 0 turns it off."
+        0.0,
+        ge=0.0,
+        description="λ: the KDE gradient is added at λ times the diffusion gradient's norm (0.1 = a tenth); 0 turns it off.",
+    )
+    reference: Literal["vocabulary"] | list[str] = Field(
+        "vocabulary",
+        description="Reference rows R of the density: 'vocabulary' (every ordinary token) or a list of words whose token rows form R.",
     )
     bandwidth: float | None = Field(
-        None, gt=0.0, description="Kernel bandwidth h; null uses Scott's rule."
+        None,
+        gt=0.0,
+        description="Kernel bandwidth h; null uses the median nearest-neighbour distance within R.",
     )
+
+    @field_validator("weight", "bandwidth")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(w, bool) for w in v):
+            raise ValueError(
+                "YAML read a word as true/false: quote words such as 'on', 'off', 'yes', 'no'"
+            )
+        return v
+
+    @field_validator("reference")
+    @classmethod
+    def _words(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or any(not str(w).strip() for w in v)):
+            raise ValueError("must be 'vocabulary' or a non-empty list of non-empty words")
+        return v
 
 
 class TrainConfig(_Section):
@@ -156,7 +193,9 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Gradient clipping norm; null disables clipping."
     )
-    resolution: int = Field(512, gt=0, description="Training image size in pixels (square).")
+    resolution: int = Field(
+        512, gt=0, le=4096, description="Training image size in pixels (square, at most 4096)."
+    )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None,
@@ -175,7 +214,18 @@ class TrainConfig(_Section):
     checkpoints_total_limit: int | None = Field(
         3, ge=1, description="Keep at most this many checkpoints (null keeps all)."
     )
-    resume: str | None = Field(None, description="Resume from 'latest' or a checkpoint folder.")
+    resume: str | None = Field(
+        None,
+        description="Resume this output_dir's run: 'latest' (its newest checkpoint), 'auto' (latest if there is one, else start), or a checkpoint folder.",
+    )
+    resume_force: bool = Field(
+        False,
+        description="Resume even when the checkpoint's run fingerprint (seed, lr, schedule, batch, model...) differs from this config; the differences are logged.",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Allow a new run into an output_dir that holds another run's results (replacing its files).",
+    )
     snapshot_every: int = Field(
         0, ge=0, description="Write an embedding file every N steps (0 disables)."
     )
@@ -205,7 +255,9 @@ class ValidationConfig(_Section):
     )
     negative_prompt: str = Field("", description="Negative prompt of the validation samples.")
     seeds: list[int] = Field(
-        default_factory=lambda: [0, 1], description="One sample per seed and prompt."
+        default_factory=lambda: [0, 1],
+        min_length=1,
+        description="One sample per seed and prompt (at least one seed).",
     )
     num_inference_steps: int = Field(20, gt=0, description="Denoising steps per sample.")
     guidance_scale: float = Field(5.0, ge=0.0, description="Classifier-free guidance scale.")
@@ -239,6 +291,21 @@ class Config(_Section):
     validation: ValidationConfig = Field(
         default_factory=ValidationConfig, description="Validation samples."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, v: str | None) -> str | None:
+        problem = file_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(f"{problem} (it names files, e.g. my-concept)")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty (use . for the current folder)")
+        return v
 
     @property
     def concept_name(self) -> str:

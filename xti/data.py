@@ -6,7 +6,8 @@ This module owns the image side of a training step (DESIGN §3.1):
    ``metadata.jsonl`` or ``<stem>.txt``) or from a `datasets` dataset (`data.dataset`), and turns
    every image into 8-bit RGB whatever its mode (grayscale, palette, alpha, CMYK, 16-bit).
 2. `check_captions` / `prompts_per_image` give the prompts of each image: its caption, or the object
-   / style templates filled with the placeholder.
+   / style templates filled with the placeholder; `check_prompt_lengths` makes sure the placeholder
+   is not cut off by the text encoder's 77 tokens.
 3. `augment` resizes and crops each image with PIL into a fixed set of distinct augmentations (crops,
    each unflipped and flipped), and `encode_latents` runs the VAE encoder once per augmentation and
    keeps the latent *distribution* (mean, std) in a `LatentCache`.
@@ -400,6 +401,48 @@ def check_captions(records: Sequence[ImageRecord], placeholder: str) -> None:
                 f"{placeholder!r}: write it where the concept appears (e.g. 'a photo of "
                 f"{placeholder}'), or remove the caption to use the prompt templates"
             )
+
+
+def check_prompt_lengths(tokenizer: Any, tokens: Any, prompts: Sequence[tuple[str, str]]) -> None:
+    """Check that each ``(where, prompt)`` fits the tokenizer's length with the placeholder expanded.
+
+    CLIP reads ``model_max_length`` tokens (77) including start and end, so 75 prompt tokens. A
+    placeholder token past that is cut and its vectors would never train: `XTIError` naming
+    `where` (a caption's image file, ``data.template=…``, ``validation.prompts``). When only other
+    words are cut, a warning naming `where` (once per place).
+
+    Args:
+        tokenizer: the tokenizer, with the placeholder tokens added.
+        tokens: the `xti.embeddings.PlaceholderTokens` of the concept.
+        prompts: ``(where, prompt)`` pairs.
+    """
+    room = int(tokenizer.model_max_length) - 2
+    ids_of_placeholder = set(range(tokens.first_id, tokens.first_id + tokens.n_vectors))
+    warned: set[str] = set()
+    for where, prompt in prompts:
+        ids = tokenizer(tokens.expand(prompt), add_special_tokens=False, verbose=False).input_ids
+        if len(ids) <= room:
+            continue
+        if any(t in ids_of_placeholder for t in ids[room:]):
+            others = sum(t not in ids_of_placeholder for t in ids)
+            fit = room - others
+            hint = (
+                f"use concept.n_vectors<={fit} or shorten the prompt"
+                if fit >= 1
+                else "shorten the prompt"
+            )
+            raise XTIError(
+                f"{where}: the prompt {prompt!r} is {len(ids)} tokens with {tokens.placeholder} "
+                f"expanded to concept.n_vectors={tokens.n_vectors}, but the text encoder reads "
+                f"{room}: the placeholder would be cut off and its vectors never trained; {hint}"
+            )
+        if where not in warned:
+            warned.add(where)
+            logger.warning(
+                "%s: the prompt %r is %d tokens; the text encoder reads %d, the words after that are "
+                "ignored",
+                where, prompt, len(ids), room,
+            )  # fmt: skip
 
 
 def prompts_per_image(

@@ -67,13 +67,15 @@ class EmbeddingFile:
 
     ``layers`` is in UNet forward order; ``vectors`` maps the file's keys to ``[n, d]`` float32
     tensors (SD1/SD2: ``{"IN01": ...}``; SDXL: ``{"clip_l.IN04": ..., "clip_g.IN04": ...,
-    "clip_g.POOL": ...}``); ``metadata`` holds the file's string metadata (empty for kohya files).
+    "clip_g.POOL": ...}``); ``metadata`` holds the file's string metadata (empty for kohya files);
+    ``source`` is the file it was loaded from (None when built in memory), for messages.
     """
 
     layers: list[str]
     vectors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     kind: Literal["xti", "kohya"] = "xti"
+    source: str | None = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -269,7 +271,8 @@ def load_embedding_file(
     safetensors files are recognised by content. Pickled files (``.pt``, ``.bin``, ``.ckpt``,
     ``.pth``) are refused unless ``allow_pickle`` (CLI ``--allow-pickle``); then they are read with
     ``torch.load(weights_only=True)`` and must hold a dict of layer name -> tensor. Every tensor is
-    returned as float32 on CPU. Any other layout raises `XTIError` naming the file and its keys.
+    returned as float32 on CPU. Any other layout, and NaN or inf values, raise `XTIError` naming
+    the file (and its keys).
     """
     p = Path(path)
     if not p.exists():
@@ -388,8 +391,15 @@ def _interpret(
                 f"{t.dtype} {tuple(t.shape)}"
             )
         vectors[key] = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if not bool(torch.isfinite(vectors[key]).all()):
+            raise XTIError(
+                f"{p}: {key} holds non-finite values (NaN or inf): the file comes from a diverged "
+                "run or is damaged; use another file"
+            )
     _check_shapes(p, vectors)
-    return EmbeddingFile(layers=layers, vectors=vectors, metadata=metadata, kind=kind)
+    return EmbeddingFile(
+        layers=layers, vectors=vectors, metadata=metadata, kind=kind, source=str(p)
+    )
 
 
 def _parse_layers(p: Path, raw: str | None) -> list[str]:

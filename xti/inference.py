@@ -90,6 +90,7 @@ from xti.export import (
     to_ti_vectors,
 )
 from xti.layers import LayerScheme, layer_scheme
+from xti.paths import check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class XTIAdapter:
         """
         self._check_loaded()
         if isinstance(source, EmbeddingFile):
-            ef, where = source, "<memory>"
+            ef, where = source, source.source or "<memory>"
         else:
             where = str(source)
             ef = load_embedding_file(source, allow_pickle=allow_pickle)
@@ -1300,6 +1301,7 @@ def _default_output(source: Path, suffix: str) -> Path:
 
 
 def _check_output(source: Path, out: Path) -> None:
+    check_output_file(out, "--output")
     if out.resolve() == source.resolve():
         raise XTIError(f"{out}: the output would overwrite the input file; pass another --output")
 

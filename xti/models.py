@@ -306,7 +306,7 @@ def _is_sdxl_layout(location: str, common: dict[str, Any]) -> bool:
         index_file = folder / "model_index.json"
         if not index_file.is_file():
             return (folder / "text_encoder_2").is_dir()
-        index = json.loads(index_file.read_text())
+        index = _read_json(index_file)
     else:
         from diffusers import DiffusionPipeline
 
@@ -315,6 +315,19 @@ def _is_sdxl_layout(location: str, common: dict[str, Any]) -> bool:
         )
     entry = index.get("text_encoder_2")
     return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from a model folder, or a one-line `XTIError` naming the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise XTIError(
+            f"{file}: not valid JSON ({_first_line(err)}); repair or re-download the model folder"
+        ) from None
+    if not isinstance(data, dict):
+        raise XTIError(f"{file}: expected a JSON object; repair or re-download the model folder")
+    return data
 
 
 def _check_folder(folder: Path, shown: str) -> None:
@@ -456,7 +469,7 @@ def load_unet_structure(path: str) -> UNet2DConditionModel:
         config_file = Path(folder) / "unet" / "config.json"
         if not config_file.is_file():
             raise XTIError(f"{path}: no unet/config.json (expected a diffusers model folder)")
-        config = json.loads(config_file.read_text())
+        config = _read_json(config_file)
     elif looks_like_hub_id(path):
         config = _load(
             path, "unet config", lambda: UNet2DConditionModel.load_config(path, subfolder="unet")

@@ -8,11 +8,14 @@ This module owns the tiny world the demo model (``data/demo-model``) was trained
   such as ``"a red striped circle on a white background"``;
 - the pretraining vocabulary rules: which colours are named in captions (`NAMED_COLOURS`; teal is drawn
   but never named), which combinations are held out of pretraining (`is_held_out`: striped crosses),
-  and `training_caption`, which drops attributes at random;
+  what pretraining can never draw at all (`never_in_pretraining`: held out, or sized outside
+  `SIZE_RANGE`), and `training_caption`, which drops attributes at random;
+- the demo concepts (`DEMO_CONCEPTS`, written to ``data/demo-concepts`` by `write_demo_concepts`);
 - the measurements used by tests and ``bench/quality.py`` on generated images: `estimate_background`,
   `foreground_mask`, `dominant_hue` / `colour_name`, `classify_shape` (IoU against each shape's template
-  fitted to the mask's bounding box), `classify_pattern`, `background_brightness` /
-  `background_name`, and `measure`, which returns all of them as a `Measurement`.
+  fitted to the mask's bounding box), `classify_pattern`, the size class (`GIANT_EXTENT`),
+  `background_brightness` / `background_name`, and `measure`, which returns all of them as a
+  `Measurement`.
 
 Everything is numpy only and deterministic from the seed. Images are ``uint8`` arrays of shape
 ``(H, W, 3)``.
@@ -65,6 +68,11 @@ PATTERN_SHADE = 0.45
 SIZE_RANGE: tuple[int, int] = (12, 24)
 """Shape extent in pixels at 32x32, inclusive (scaled with the resolution)."""
 
+GIANT_EXTENT = SIZE_RANGE[1] + 2
+"""A measured extent (bounding-box side of the foreground mask, pixels at 32x32) of at least this is
+read as ``giant`` (`size_class`): bigger than anything pretraining drew, whose largest shapes measure
+at most ``SIZE_RANGE[1] + 1`` (anti-aliased edge pixels)."""
+
 HELD_OUT: tuple[tuple[str, str], ...] = (("cross", "striped"),)
 """(shape, pattern) combinations never drawn in pretraining: the demo object concept is one."""
 
@@ -92,6 +100,15 @@ class Label:
     position: tuple[float, float] = (16.0, 16.0)
     resolution: int = 32
     phase: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def size_class(self) -> str:
+        """``giant`` above `SIZE_RANGE` (never drawn in pretraining), ``small`` below it, else
+        ``normal``; compares with `Measurement.size_class`."""
+        size = self.size * 32.0 / self.resolution
+        if size > SIZE_RANGE[1]:
+            return "giant"
+        return "small" if size < SIZE_RANGE[0] else "normal"
 
     @property
     def caption(self) -> str:
@@ -142,6 +159,25 @@ def caption_for(
 def is_held_out(label: Label) -> bool:
     """True for labels never drawn in pretraining (`HELD_OUT` combinations)."""
     return (label.shape, label.pattern) in HELD_OUT
+
+
+def never_in_pretraining(label: Label) -> bool:
+    """True for labels the demo model's pretraining can never draw, for any of its own reasons.
+
+    Pretraining draws ``generate_batch(n, seed, exclude=is_held_out)`` with every other argument at
+    its default, so a label is never drawn when it is `is_held_out`, or its size (at 32 px) is outside
+    `SIZE_RANGE`, or its shape, colour, background or pattern is not one of the generator's. This
+    only reads those rules; it adds none (the shipped model's data must not change).
+    """
+    size = label.size * 32.0 / label.resolution
+    return (
+        is_held_out(label)
+        or not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]
+        or label.shape not in SHAPES
+        or label.colour not in COLOURS
+        or label.background not in BACKGROUNDS
+        or label.pattern not in PATTERNS
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,7 +579,10 @@ class Measurement:
     """What the measurements read from one image.
 
     `shape`, `colour` and `pattern` are None where no foreground was found; `background` is None where
-    the background is not a grey (e.g. the colour fills the whole image).
+    the background is not a grey (e.g. the colour fills the whole image). `extent` is the longer side
+    of the foreground's bounding box in pixels at 32x32 (0 without foreground); `size_class` is
+    ``giant`` from `GIANT_EXTENT` on, else ``normal`` (None without foreground; ``small`` is never
+    read: small stars and crosses measure like smaller shapes).
     """
 
     shape: str | None
@@ -554,6 +593,8 @@ class Measurement:
     brightness: float
     foreground_fraction: float
     shape_scores: dict[str, float] = field(default_factory=dict)
+    extent: float = 0.0
+    size_class: str | None = None
 
     def matches(
         self, label: Label, attributes: Sequence[str] = ("shape", "colour", "background")
@@ -569,6 +610,11 @@ def measure(img: np.ndarray) -> Measurement:
     bright = background_brightness(img, mask)
     scores = shape_scores(mask)
     has_fg = bool(mask.sum() >= 4)
+    extent = 0.0
+    if has_fg:
+        ys, xs = np.nonzero(mask)
+        side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+        extent = float(side) * 32.0 / mask.shape[0]
     return Measurement(
         shape=max(scores, key=scores.__getitem__) if has_fg else None,
         colour=colour_name(hue) if has_fg else None,
@@ -578,6 +624,8 @@ def measure(img: np.ndarray) -> Measurement:
         brightness=bright,
         foreground_fraction=float(mask.mean()),
         shape_scores=scores,
+        extent=extent,
+        size_class=("giant" if extent >= GIANT_EXTENT else "normal") if has_fg else None,
     )
 
 
@@ -598,6 +646,31 @@ DEMO_CONCEPTS: dict[str, dict[str, Any]] = {
             "size_range": (18, 24),
         },
     },
+    "giant-dotted-diamond": {
+        "kind": "object",
+        "description": "a yellow diamond with dark dots, 27-29 px wide: yellow dotted diamonds were "
+        "in pretraining, but only 12-24 px (SIZE_RANGE), so the model never drew one this big",
+        "seed": 303,
+        "constraints": {
+            "shapes": ("diamond",),
+            "colours": ("yellow",),
+            "patterns": ("dotted",),
+            "size_range": (27, 29),
+        },
+    },
+    "giant-striped-triangle": {
+        "kind": "object",
+        "description": "a purple triangle with dark diagonal stripes, 27-29 px wide: purple striped "
+        "triangles were in pretraining, but only 12-24 px (SIZE_RANGE), so the model never drew one "
+        "this big",
+        "seed": 404,
+        "constraints": {
+            "shapes": ("triangle",),
+            "colours": ("purple",),
+            "patterns": ("striped",),
+            "size_range": (27, 29),
+        },
+    },
     "teal-dotted": {
         "kind": "style",
         "description": "teal with dark dots on any shape: teal was drawn in pretraining but never "
@@ -611,7 +684,15 @@ DEMO_CONCEPTS: dict[str, dict[str, Any]] = {
         },
     },
 }
-"""The two demo concepts: how their images are drawn (constraints for `sample_label`)."""
+"""The demo concepts: how their images are drawn (constraints for `sample_label`).
+
+Every object concept is something pretraining never drew (`never_in_pretraining`): `striped-cross`
+by `HELD_OUT`, the two giant ones by size (pretraining's captions never mention size, so words can
+ask for their shape, colour and pattern but not for how big they are). The style `teal-dotted` uses
+a colour pretraining drew but never named."""
+
+DEMO_OBJECTS: tuple[str, ...] = tuple(n for n, s in DEMO_CONCEPTS.items() if s["kind"] == "object")
+"""Names of the object concepts of `DEMO_CONCEPTS`, in order."""
 
 
 def demo_concept(name: str, n: int = 6) -> tuple[np.ndarray, list[Label]]:

@@ -3,23 +3,32 @@
 This module owns the three probes of `bench/quality.py` and their scores:
 
 - **reconstruction**: the training captions ("a <A> on a white background") should give back the
-  training images: their shape, colour and the prompted background (read with
-  `xti.procedural.measure`), and a small pixel distance to the nearest training image with that
-  background (patterns are left to the distance: the demo model does not draw them reliably enough
-  at 32 px for `measure` to read them back, even from plain words);
+  training images: their shape, colour, the prompted background and, for the giant objects, their
+  size class (read with `xti.procedural.measure`), and a small pixel distance to the nearest
+  training image with that background (patterns are left to the distance: the demo model does not
+  draw them reliably enough at 32 px for `measure` to read them back, even from plain words);
 - **editability**: "a blue <A> on a white background" should come out blue, and still be A's shape;
 - **mixing**: "a <A> …" with A's vectors in the layers that decide shape and a style concept B's in
   the others should give A's shape in B's colour.
 
-Everything here is deterministic given the images: tests check the scoring on generator images, the
-bench script trains the concepts and prints the table.
+A style concept (one colour over several shapes) has its own probes (`style_probes`): its training
+captions for reconstruction, shapes it was never shown for editability.
+
+Everything here is deterministic given the images: tests check the scoring on generator images. The
+bench scripts (``bench/quality.py``, ``bench/kde.py``) share the rest of this module: training a demo
+concept with a snapshot at every budget (`train_snapshots`), scoring a set of snapshots
+(`score_embeddings`), the first budget that reaches a score (`first_budget_reaching`), the learned
+vectors against the vocabulary (`vector_stats`), and the markdown table (`SCORES`, `markdown_table`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,30 @@ neither XTI nor TI drew a single cross (bench/quality.py with ``--mix-layers coa
 the 8x8 layers added give XTI crosses in every sample. On SD 1.5 at 64x64 latents the same objects
 span 4x more feature-map pixels, and `coarse` is the usual choice.
 """
+
+
+DEMO_CONFIGS: dict[str, str] = {
+    "striped-cross": "configs/demo.yaml",
+    "giant-dotted-diamond": "configs/demo-giant-dotted-diamond.yaml",
+    "giant-striped-triangle": "configs/demo-giant-striped-triangle.yaml",
+    "teal-dotted": "configs/demo-style.yaml",
+}
+"""The training config of each demo concept (`xti.procedural.DEMO_CONCEPTS`), relative to the repo."""
+
+SCORES: dict[str, str] = {
+    "recon shape": "reconstruction.shape",
+    "recon colour": "reconstruction.colour",
+    "recon bg": "reconstruction.background",
+    "recon size": "reconstruction.size_class",
+    "recon all": "reconstruction.all",
+    "recon dist": "reconstruction.distance",
+    "edit colour": "editability.colour",
+    "edit shape": "editability.shape",
+    "mix shape": "mixing.shape",
+    "mix colour": "mixing.colour",
+    "mix both": "mixing.all",
+}
+"""Table column -> `evaluate` key, for the bench tables."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +144,10 @@ def demo_probes(
     """Probes of an object concept `obj` (shape and colour constant in its images), and,
     with a style concept `style` (colour constant), the mixing probes.
 
+    Reconstruction expects the shape, colour and background, and, for an object whose images are
+    all of a size pretraining never drew (`xti.procedural.Label.size_class`, e.g. ``giant``), that
+    size class too: words cannot ask for it, so it is what shows whether the size was learned.
+
     `obj.subject` and `style.subject` must be placeholders for mixing to mean anything; with a plain
     description as `obj.subject`, pass no `style`. Mixing puts `obj` in `shape_layers` (any
     `xti.layers` selection) and `style` in all the others.
@@ -121,12 +158,15 @@ def demo_probes(
     on_background = {
         bg: f"{_article(obj.subject)} {obj.subject} on a {bg} background" for bg in P.BACKGROUNDS
     }
+    size = obj.constant("size_class")
     probes = []
     for bg, prompt in on_background.items():
         refs = tuple(
             img for img, lab in zip(obj.images, obj.labels, strict=True) if lab.background == bg
         )
         expect = {"shape": shape, "colour": colour, "background": bg}
+        if size not in (None, "normal"):
+            expect["size_class"] = size
         probes.append(Probe("reconstruction", prompt, expect, references=refs or obj.images))
     for c in edit_colours:
         if c == colour:
@@ -147,6 +187,56 @@ def demo_probes(
                     mix={style.subject: "all", obj.subject: shape_layers},
                 )
             )
+    return probes
+
+
+def style_probes(
+    style: Concept,
+    obj: Concept | None = None,
+    *,
+    edit_shapes: Sequence[str] | None = None,
+    shape_layers: str = DEMO_SHAPE_LAYERS,
+) -> list[Probe]:
+    """Probes of a style concept `style` (one colour over several shapes), and, with an object
+    concept `obj`, the mixing probes of `demo_probes(obj, style)`.
+
+    - reconstruction: its training captions, ``"a <teal-dotted> star on a black background"``, one
+      per distinct (shape, background) of its images: that shape, the style's colour, that
+      background; references: the training images with that shape and background;
+    - editability: ``"a <teal-dotted> cross on a white background"`` for every shape in
+      `edit_shapes` (default: the `xti.procedural.SHAPES` it was never shown): that shape, still in
+      the style's colour (the ``colour`` score is the style kept, the ``shape`` score the edit obeyed).
+    """
+    colour = style.constant("colour")
+    if colour is None:
+        raise ValueError("the style concept's images must share one colour")
+    trained = {lab.shape for lab in style.labels}
+    if edit_shapes is None:
+        edit_shapes = [s for s in P.SHAPES if s not in trained]
+    words = f"{_article(style.subject)} {style.subject}"
+    probes = []
+    pairs = dict.fromkeys((lab.shape, lab.background) for lab in style.labels)
+    for shape, bg in pairs:
+        refs = tuple(
+            img
+            for img, lab in zip(style.images, style.labels, strict=True)
+            if (lab.shape, lab.background) == (shape, bg)
+        )
+        expect = {"shape": shape, "colour": colour, "background": bg}
+        probes.append(
+            Probe(
+                "reconstruction", f"{words} {shape} on a {bg} background", expect, references=refs
+            )
+        )
+    for shape in edit_shapes:
+        expect = {"shape": shape, "colour": colour}
+        probes.append(Probe("editability", f"{words} {shape} on a white background", expect))
+    if obj is not None:
+        probes += [
+            p
+            for p in demo_probes(obj, style, edit_colours=(), shape_layers=shape_layers)
+            if p.kind == "mixing"
+        ]
     return probes
 
 
@@ -233,3 +323,129 @@ def adapter_sampler(
         return [(im * 255).round().astype(np.uint8) for im in out.images]
 
     return sample
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared by the bench scripts
+# --------------------------------------------------------------------------------------------------
+
+
+def first_budget_reaching(scores: Mapping[int, float | None], threshold: float = 0.9) -> int | None:
+    """The smallest budget (step count) whose score is at least `threshold`; None if none is.
+
+    A budget with no score (None, e.g. not measured) never counts. ``first_budget_reaching({10: 0.5,
+    25: 0.92, 50: 0.88})`` is 25: the first time it gets there, whatever comes after.
+    """
+    hits = [b for b, v in scores.items() if v is not None and v >= threshold]
+    return min(hits) if hits else None
+
+
+def vector_stats(vectors: Any, initial: Any, kde: Any) -> dict[str, float]:
+    """Where learned vectors sit relative to the KDE reference rows R and to where they started.
+
+    `vectors` is a tensor ``[..., n, d]`` or a mapping of layer name -> ``[n, d]`` (an
+    `xti.export.EmbeddingFile`'s ``vectors``); `initial` is ``[n, d]`` (the initializer's vectors,
+    broadcast over layers); `kde` is an `xti.kde.KDERegularizer` (``bandwidth``, ``reference_norm``,
+    ``nearest``). Returns the means over all vectors of:
+
+    - ``norm_ratio``: ``||v||`` divided by R's mean row norm (1: as long as a typical word);
+    - ``nn_over_h``: the distance to the nearest row of R, in bandwidths h;
+    - ``moved``: ``||v - initial||`` (absolute; 0 means the vector never left its initializer).
+    """
+    import torch
+
+    if isinstance(vectors, Mapping):
+        vectors = torch.stack([torch.as_tensor(v) for v in vectors.values()])
+    v = torch.as_tensor(vectors).detach().float()
+    init = torch.as_tensor(initial).detach().float()
+    distances, _ = kde.nearest(v, k=1)
+    return {
+        "norm_ratio": float(v.norm(dim=-1).mean()) / float(kde.reference_norm),
+        "nn_over_h": float(distances[..., 0].mean()) / float(kde.bandwidth),
+        "moved": float((v - init).norm(dim=-1).mean()),
+    }
+
+
+def format_score(key: str, value: float | None) -> str:
+    """A table cell: hit rates in percent, distances and other plain numbers to 3 decimals."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if key.endswith(".distance") or "." not in key:
+        return f"{value:.3f}"
+    return f"{100 * value:.0f}%"
+
+
+def score_cells(scores: Mapping[str, float], columns: Sequence[str]) -> list[str]:
+    """The table cells of `evaluate` scores under the `SCORES` column names `columns`."""
+    return [format_score(SCORES[c], scores.get(SCORES[c])) for c in columns]
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def train_snapshots(
+    config: str | Path,
+    budgets: Sequence[int],
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    reuse: bool = False,
+) -> dict[int, Path]:
+    """Train the concept of `config` once up to ``max(budgets)`` steps, with an embedding snapshot
+    every gcd(budgets) steps, into `out_dir`; returns the snapshot file of every budget.
+
+    `overrides` are `xti.config.load_config` overrides applied last (e.g. ``xti.granularity=shared``,
+    ``kde.weight=0.1``). Validation is off. The schedule is constant after warm-up and every random
+    draw of a step depends only on (seed, step), so the snapshot at step k is what a k-step run would
+    export. With `reuse`, an `out_dir` that already holds every snapshot is not trained again.
+    """
+    from xti.config import load_config
+    from xti.training import train
+
+    budgets = sorted({int(b) for b in budgets})
+    cfg = load_config(
+        config,
+        [
+            f"train.max_steps={budgets[-1]}",
+            f"train.snapshot_every={reduce(math.gcd, budgets)}",
+            f"output_dir={out_dir}",
+            "validation.every=0",
+            "validation.mix_with=null",
+            "train.overwrite=true",  # a bench run retrains into its own work folder
+            *overrides,
+        ],
+    )
+    out = Path(cfg.output_dir)
+    files = {
+        b: out / "snapshots" / f"{cfg.concept_name}-step{b:06d}.xti.safetensors" for b in budgets
+    }
+    if not (reuse and all(f.is_file() for f in files.values())):
+        t0 = time.perf_counter()
+        train(cfg, progress=True)
+        print(
+            f"  trained {cfg.concept_name} into {out} ({budgets[-1]} steps) in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+    return files
+
+
+def score_embeddings(
+    pipe: Any,
+    embeddings: Mapping[str, str | Path],
+    probes: Sequence[Probe],
+    seeds: Sequence[int],
+    **sampling: Any,
+) -> dict[str, float]:
+    """`evaluate` the probes with the embedding files `embeddings` (placeholder -> file) loaded into
+    an `xti.inference.XTIAdapter` on the pipeline `pipe`; `sampling` goes to `adapter_sampler`."""
+    from xti.inference import XTIAdapter
+
+    with XTIAdapter(pipe) as adapter:
+        for subject, path in embeddings.items():
+            adapter.load(path, subject)
+        return evaluate(adapter_sampler(adapter, seeds, **sampling), probes)

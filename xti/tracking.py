@@ -12,6 +12,7 @@ records) so tests and users can check what a run logged without a wandb server.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xti.errors import XTIError
+
+logger = logging.getLogger("xti")
 
 
 def setup_tracking(report_to: str) -> str | None:
@@ -114,6 +117,11 @@ def log_table(accelerator, key: str, columns: list[str], rows: list[list[Any]], 
             tracker.writer.add_text(key, "\n".join(lines), step)
 
 
+def _kde_reference(kde: dict[str, Any]) -> str:
+    ref = kde.get("reference", "vocabulary")
+    return ref if isinstance(ref, str) else f"{len(ref)} words"
+
+
 def write_model_card(
     folder: Path,
     *,
@@ -127,12 +135,17 @@ def write_model_card(
     final_loss: float | None,
     grid: Path | None,
 ) -> Path:
-    """Write ``README.md`` into the output folder: base model, settings, samples, how to load."""
+    """Write ``README.md`` into the output folder: base model, settings, samples, how to load.
+
+    A ``README.md`` that xti did not write (no `MODEL_CARD_MARKER` first line) is never replaced:
+    the card then goes to ``MODEL_CARD.md`` with a warning. Returns the path written.
+    """
     from xti.export import atomic_write_bytes
 
     c = config
     rel = os.path.relpath(embedding_file, folder)
     lines = [
+        MODEL_CARD_MARKER,
         f"# {name} — XTI embedding",
         "",
         f"Extended Textual Inversion (P+) concept `{c['concept']['placeholder']}` trained with xti on "
@@ -148,7 +161,7 @@ def write_model_card(
         f"| learning rate | {c['train']['lr']} ({c['train']['lr_scheduler']}) |",
         f"| resolution | {c['train']['resolution']} |",
         f"| initializer | `{c['concept']['initializer']}` |",
-        f"| KDE weight | {c['kde']['weight']} |",
+        f"| KDE weight (relative) | {c['kde']['weight']} (reference: {_kde_reference(c['kde'])}) |",
         f"| layers | {', '.join(layers)} |",
         "",
     ]
@@ -168,8 +181,22 @@ def write_model_card(
         "",
     ]
     path = folder / "README.md"
+    if path.exists() and not _written_by_xti(path):
+        logger.warning("%s was not written by xti: the model card goes to MODEL_CARD.md", path)
+        path = folder / "MODEL_CARD.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+MODEL_CARD_MARKER = "<!-- xti model card: rewritten by each run into this folder -->"
+
+
+def _written_by_xti(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(MODEL_CARD_MARKER)).decode("utf-8", "replace") == MODEL_CARD_MARKER
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- reading runs back

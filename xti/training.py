@@ -7,11 +7,15 @@ The step is built from small pure functions that tests check one by one:
   alone. The *global* batch is drawn and each process takes its slice, so resuming is exact and
   N processes × B images equal one process × N·B images.
 * `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR).
-* `compute_loss`: encode per-layer contexts in one text-encoder call, run the UNet with them, add the
-  KDE term.
+* `compute_loss`: encode per-layer contexts in one text-encoder call, run the UNet with them.
+* the KDE term (`xti.kde.add_relative_kde_gradient`) joins the gradient once per optimizer step,
+  scaled relative to the complete diffusion gradient; `frozen_fraction` watches for runs that
+  do not move.
 
 `train()` wires these into an Accelerate loop: mixed precision with fp32 vectors, gradient
 accumulation, DDP over the vectors only, checkpoints and exact resume, snapshots, export, metrics.
+What makes a run trustworthy on disk (folder lock and ownership, run identity, pickle-free
+checkpoints, stop signals, non-finite guards) lives in `xti.runs`; `train()` calls it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ import copy
 import io
 import json
 import logging
-import os
-import shutil
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from xti import runs
 from xti.attention import install_processors
 from xti.config import Config
 from xti.data import (
     augment,
     check_captions,
+    check_prompt_lengths,
     encode_latents,
     load_images,
     pick_augmentations,
@@ -61,7 +66,7 @@ from xti.export import (
     load_embedding_file,
     save_embedding_file,
 )
-from xti.kde import KDERegularizer
+from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
 from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
 from xti.tracking import (
@@ -75,8 +80,6 @@ from xti.tracking import (
 )
 
 logger = logging.getLogger("xti")
-
-CHECKPOINT_STATE = "xti_state.json"
 
 
 # ----------------------------------------------------------------------------- step maths
@@ -255,26 +258,19 @@ class StepModels:
 def compute_loss(
     m: StepModels,
     batch: Batch,
-    vectors: torch.Tensor | dict[str, torch.Tensor],
     *,
-    kde: nn.Module | dict[str, nn.Module] | None = None,
-    kde_weight: float = 0.0,
     snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss of one micro-step: diffusion MSE + kde_weight · mean KDE of the vectors.
+    """Diffusion loss of one micro-step (the KDE term is added to the gradient once per optimizer
+    step instead, by `xti.kde.add_relative_kde_gradient`).
 
     Args:
         m: models and concept wiring (the text encoders must carry the concept token embedding).
         batch: this process's batch, on the models' device.
-        vectors: the ``[V, n, d]`` trainable vectors (the KDE term reads them), or one such tensor
-            per text encoder, keyed like `kde`.
-        kde: the KDE regulariser (or one per text encoder, keyed by encoder name), or None.
-        kde_weight: λ; with 0 the KDE value is still reported but does not enter the loss.
         snr_gamma: min-SNR gamma, or None for plain MSE.
 
     Returns:
-        The scalar loss and a dict of detached parts: ``mse``, ``kde`` (summed over encoders) and
-        ``kde_per_vector`` (``{encoder: [V, n]}``).
+        The scalar loss and a dict of detached parts: ``mse``.
     """
     added_cond = None
     if m.text_encoder_2 is None:
@@ -308,24 +304,65 @@ def compute_loss(
     if snr_gamma is not None:
         weights = snr_weights(snr(m.scheduler, batch.timesteps), snr_gamma, m.prediction_type)
     mse = diffusion_loss(pred, target, weights)
-    parts: dict[str, Any] = {"mse": mse.detach()}
-    loss = mse
-    if kde is not None:
-        kdes = kde if isinstance(kde, dict) else {"text": kde}
-        vecs = vectors if isinstance(vectors, dict) else {"text": vectors}
-        total = torch.zeros((), device=mse.device)
-        per_vector = {}
-        for name, reg in kdes.items():
-            v = vecs[name]
-            with torch.set_grad_enabled(kde_weight > 0 and torch.is_grad_enabled()):
-                values = reg(v.reshape(-1, v.shape[-1]))
-            total = total + values.mean()
-            per_vector[name] = values.detach().reshape(v.shape[:-1])
-        if kde_weight > 0:
-            loss = loss + kde_weight * total
-        parts["kde"] = total.detach()
-        parts["kde_per_vector"] = per_vector
-    return loss, parts
+    return mse, {"mse": mse.detach()}
+
+
+FROZEN_CHECK_AT = 0.1
+"""Fraction of `train.max_steps` after which a run that has not moved is called frozen."""
+FROZEN_THRESHOLD = 0.01
+"""A run is frozen when its vectors moved less than this fraction of their initial norm."""
+
+
+def build_kdes(
+    cfg: Config,
+    encoders: list[tuple[str, Any, nn.Module]],
+    embeddings: dict[str, nn.Embedding],
+) -> dict[str, KDERegularizer]:
+    """One KDE per text encoder over its reference rows (`kde.reference`, `kde.bandwidth`), built
+    where the embedding table lives (before the models move: bad reference words fail early)."""
+    out = {}
+    for name, tok, _ in encoders:
+        try:
+            reg = KDERegularizer.from_reference(
+                embeddings[name].weight, tok, cfg.kde.reference, cfg.kde.bandwidth
+            )
+        except ValueError as e:
+            raise XTIError(f"{e} ({name} text encoder)") from None
+        logger.info(
+            "KDE (%s): %d reference rows, bandwidth h=%.4g", name, reg.num_vocab, reg.bandwidth
+        )
+        out[name] = reg
+    return out
+
+
+def relative_movement(vectors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
+    """``||V - V0|| / ||V0||`` over all encoders' vectors together (0 when V0 is all zeros)."""
+    moved = sum(
+        float((vectors[k].detach().float() - v.float()).square().sum()) for k, v in initial.items()
+    )
+    size = sum(float(v.float().square().sum()) for v in initial.values())
+    return math.sqrt(moved / size) if size > 0 else 0.0
+
+
+def frozen_check_at(max_steps: int, warmup_steps: int) -> int:
+    """The step at which `warn_if_frozen` looks: after `FROZEN_CHECK_AT` of the run, and not
+    before the learning-rate warm-up is over (a run still warming up has barely moved by design)."""
+    return min(max_steps, max(1, math.ceil(FROZEN_CHECK_AT * max_steps), warmup_steps))
+
+
+def warn_if_frozen(cfg: Config, moved: float, step: int) -> bool:
+    """Warn (once, by the caller) when the vectors moved less than `FROZEN_THRESHOLD` of their
+    initial norm; True when it warned."""
+    if moved >= FROZEN_THRESHOLD:
+        return False
+    logger.warning(
+        "the run looks frozen: after %d of %d steps the vectors moved %.3g%% of their initial norm "
+        "(under %g%%). Raise train.lr (now %g) or lower kde.weight (now %g); check "
+        "train.lr_warmup_steps (now %d) too.",
+        step, cfg.train.max_steps, 100 * moved, 100 * FROZEN_THRESHOLD, cfg.train.lr,
+        cfg.kde.weight, cfg.train.lr_warmup_steps,
+    )  # fmt: skip
+    return True
 
 
 # ----------------------------------------------------------------------------- the run
@@ -348,18 +385,30 @@ class TrainResult:
     samples_file: Path | None = None  # the last validation grid (PNG), when validation ran
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The complete checkpoint with the highest step in `folder`, or None."""
-    if not folder.is_dir():
+def resume_checkpoint(cfg: Config, out: Path) -> runs.Checkpoint | None:
+    """The checkpoint `train.resume` names, read and checked (None for a new run).
+
+    ``latest`` is the newest checkpoint of the run recorded in ``output_dir`` (``xti-run.json``),
+    never another run's; ``auto`` is the same, or None when that run has no checkpoint.
+    """
+    resume = cfg.train.resume
+    if not resume:
         return None
-    done = [
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and (p / CHECKPOINT_STATE).is_file() and not p.name.endswith(".tmp")
-    ]
-    return max(
-        done, key=lambda p: json.loads((p / CHECKPOINT_STATE).read_text())["step"], default=None
-    )
+    if resume not in ("latest", "auto"):
+        return runs.read_checkpoint(Path(resume))
+    folder = out / runs.CHECKPOINTS
+    run_id = (runs.read_owner(out) or {}).get("run_id")
+    latest = runs.latest_checkpoint(folder, run_id) if isinstance(run_id, str) else None
+    if latest is not None:
+        return runs.read_checkpoint(latest)
+    if resume == "auto":
+        return None
+    if not isinstance(run_id, str):
+        raise XTIError(
+            f"train.resume=latest: {out} holds no xti run to resume (no {runs.OWNER_FILE}); start a "
+            "new run, or give a checkpoint folder"
+        )
+    raise XTIError(f"train.resume=latest: no complete checkpoint of run {run_id[:8]} in {folder}")
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -405,6 +454,11 @@ def train(
 ) -> TrainResult:
     """Train one concept as configured and export it.
 
+    The output folder is locked for the run and must not hold another run's results (unless
+    ``train.overwrite`` or a resume of its own run); checkpoints carry the run's identity (`xti.runs`).
+    SIGINT and SIGTERM stop at the next step boundary with the vectors and a checkpoint saved, and
+    raise `xti.runs.RunInterrupted` (a `KeyboardInterrupt`).
+
     Args:
         cfg: the validated run configuration.
         bundle: an already loaded model to train against (default: load ``cfg.model``). Its
@@ -417,8 +471,25 @@ def train(
         A `TrainResult`; the main process's `output_file` is the exported ``.xti.safetensors``.
 
     Raises:
-        XTIError: bad input, detected before anything is written.
+        XTIError: bad input, detected before anything is written; or a diverged run (non-finite
+            loss or vectors), stopped without exporting.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _train(
+            cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step, cleanup=cleanup
+        )
+
+
+def _train(
+    cfg: Config,
+    *,
+    bundle: ModelBundle | None,
+    progress: bool,
+    stop_at_step: int | None,
+    cleanup: contextlib.ExitStack,
+) -> TrainResult:
+    """The body of `train`; `cleanup` releases the folder lock, signal handlers and training hooks
+    on every way out."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -426,14 +497,21 @@ def train(
 
     t0 = time.perf_counter()
     tc = cfg.train
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser()
 
-    # Everything that can fail on bad input happens before the first write.
+    # Everything that can fail on bad input happens before the first write, and what needs no
+    # model (output folder, resume checkpoint, validation files, images) before the model loads.
+    resume_from = resume_checkpoint(cfg, out)
+    runs.check_output_folder(
+        out, resumed_run=resume_from.run_id if resume_from else None, overwrite=tc.overwrite
+    )
+    mix_file = _load_mix_with(cfg)
     records = load_images(cfg.data)
     check_captions(records, cfg.concept.placeholder)
     if bundle is None:
         bundle = load_model(cfg.model)
     _check_resolution(cfg, bundle.vae)
+    identity = runs.model_identity(bundle)  # before the models are cast to a lower precision
     encoders = bundle.text_encoders  # [(name, tokenizer, text encoder)]: one, or two for SDXL
     # Validation pipelines need the tokenizers without our placeholder tokens; copy them only then.
     validating = cfg.validation.every > 0
@@ -461,17 +539,11 @@ def train(
         name: num_variants + (1 if sdxl and pooled == "slot" and name == "clip_g" else 0)
         for name, _, _ in encoders
     }
-    resume_from = None
-    if tc.resume:
-        resume_from = (
-            latest_checkpoint(out / "checkpoints") if tc.resume == "latest" else Path(tc.resume)
-        )
-        if resume_from is None or not (resume_from / CHECKPOINT_STATE).is_file():
-            where = out / "checkpoints" if tc.resume == "latest" else tc.resume
-            raise XTIError(f"train.resume: no complete checkpoint at {where}")
+    _check_prompts(cfg, records, bundle, tokens)
+    # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
+    kdes = build_kdes(cfg, encoders, embeddings)
+    _check_mix_with(cfg, mix_file, scheme, sdxl, embeddings)
 
-    if cfg.validation.mix_with and not Path(cfg.validation.mix_with).is_file():
-        raise XTIError(f"validation.mix_with: {cfg.validation.mix_with} does not exist")
     report_to = setup_tracking(cfg.tracking.report_to)
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
@@ -483,6 +555,36 @@ def train(
     dtype = _weight_dtype(accelerator.mixed_precision)
     world = accelerator.num_processes
     is_main = accelerator.is_main_process
+    cleanup.callback(_release_accelerator_state)
+
+    # The run's identity; a resumed checkpoint must match it (or train.resume_force).
+    fingerprint = runs.run_fingerprint(cfg, identity, world=world)
+    run_id = runs.new_run_id()
+    if resume_from is not None:
+        runs.compare_fingerprints(resume_from, fingerprint, force=tc.resume_force)
+        run_id = resume_from.run_id
+        later = runs.run_checkpoints(out / runs.CHECKPOINTS, run_id)
+        if later and later[-1].step > resume_from.step:
+            # Resuming an earlier checkpoint forks the run: the newer ones are another future.
+            run_id = runs.new_run_id()
+            logger.warning(
+                "resuming %s, an earlier checkpoint than its run's newest (%s): this continuation "
+                "is a new run (%s)", resume_from.path, later[-1].path, run_id[:8],
+            )  # fmt: skip
+    if is_main:  # claim the folder: lock, clean up killed writes, record the owner
+        out.mkdir(parents=True, exist_ok=True)
+        lock = runs.OutputLock(out)
+        lock.acquire(runs.lock_info(run_id))
+        cleanup.callback(lock.release)
+        runs.remove_stale_tmp(out)
+        owner = {
+            "run_id": run_id,
+            "fingerprint": fingerprint,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed_from": str(resume_from.path) if resume_from else None,
+            "status": "running",
+        }
+        runs.write_owner(out, owner)
 
     # Latent distributions once per distinct augmentation, in fp32, then the VAE is dropped.
     aug = augment(
@@ -537,21 +639,19 @@ def train(
         installed["processors"] = install_processors(unet, scheme)
 
     def remove_training_hooks() -> None:
-        installed["processors"].remove()
-        for handle in installed["embeddings"]:
+        if "processors" not in installed:
+            return
+        installed.pop("processors").remove()
+        for handle in installed.pop("embeddings"):
             handle.remove()
 
     install_training_hooks()
+    cleanup.callback(remove_training_hooks)
 
-    # KDE values are always logged; they enter the loss only when kde.weight > 0.
-    kdes = {
-        name: KDERegularizer.from_embedding(
-            embeddings[name].weight, tok.all_special_ids, cfg.kde.bandwidth
-        ).to(device)
-        for name, tok, _ in encoders
-    }
+    kdes = {name: reg.to(device) for name, reg in kdes.items()}  # computed before the latents
+    initial_vectors = {k: v.detach().clone() for k, v in concept().items()}
 
-    lr = tc.lr * (tc.batch_size * tc.gradient_accumulation_steps * world if tc.scale_lr else 1)
+    lr = runs.effective_lr(tc, world)
     optimizer = torch.optim.AdamW(
         concept.parameters(),
         lr=lr,
@@ -567,7 +667,6 @@ def train(
     )
     concept, optimizer = accelerator.prepare(concept, optimizer)
     raw_concept = accelerator.unwrap_model(concept)
-    accelerator.register_for_checkpointing(lr_scheduler)
 
     models = StepModels(
         unet=unet,
@@ -585,18 +684,16 @@ def train(
     )
 
     start_step = 0
-    if resume_from is not None:
-        state = json.loads((resume_from / CHECKPOINT_STATE).read_text())
-        if state["shape"] != raw_concept.shapes():
-            raise XTIError(
-                f"train.resume: checkpoint {resume_from} holds vectors of shape {state['shape']}, "
-                f"this config makes {raw_concept.shapes()} (placeholder, n_vectors or granularity "
-                "changed?)"
-            )
-        accelerator.load_state(str(resume_from))
-        start_step = int(state["step"])
+    if resume_from is not None:  # every process reads it; only safetensors and JSON
+        start_step = runs.load_checkpoint(
+            resume_from,
+            module=raw_concept,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scaler=accelerator.scaler,
+        )
         if is_main:
-            logger.info("resumed from %s at step %d", resume_from, start_step)
+            logger.info("resumed from %s at step %d", resume_from.path, start_step)
 
     name = cfg.concept_name
     metadata_common = dict(
@@ -614,39 +711,35 @@ def train(
     extra = {"xti.pooled": pooled} if sdxl else None
 
     def export(path: Path, steps: int) -> Path:
+        current = raw_concept()
+        bad = runs.non_finite(current)
+        if bad:  # never write (or replace a file with) a diverged embedding
+            raise XTIError(f"{path}: not written, the {', '.join(bad)} vectors are not finite")
         meta = build_metadata(**metadata_common, steps=steps, title=name, extra=extra)
-        vectors = export_vectors(raw_concept(), variant_of_layer, scheme, num_variants)
+        vectors = export_vectors(current, variant_of_layer, scheme, num_variants)
         return save_embedding_file(path, vectors, meta)
 
+    saved: dict[str, Any] = {"checkpoint": None, "step": None}
+
     def checkpoint(step: int) -> None:
-        folder = out / "checkpoints"
-        final = folder / f"step-{step:06d}"
-        tmp = folder / f"step-{step:06d}.tmp"
+        """Save a checkpoint of this run (main process; safetensors + JSON), prune its old ones."""
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if is_main:
-            state = {
-                "step": step,
-                "shape": raw_concept.shapes(),
-                "config": cfg.model_dump(mode="json"),
-            }
-            (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            if tc.checkpoints_total_limit:
-                done = sorted(
-                    p for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".tmp")
-                )
-                for old in done[: max(0, len(done) - tc.checkpoints_total_limit)]:
-                    shutil.rmtree(old, ignore_errors=True)
+            folder = out / runs.CHECKPOINTS
+            saved["checkpoint"] = runs.save_checkpoint(
+                folder,
+                step=step,
+                run_id=run_id,
+                fingerprint=fingerprint,
+                config=cfg.model_dump(mode="json"),
+                module=raw_concept,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                scaler=accelerator.scaler,
+            )
+            runs.prune_checkpoints(folder, run_id, tc.checkpoints_total_limit)
+        saved["step"] = step
         accelerator.wait_for_everyone()
 
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     if report_to:
         run_name = cfg.tracking.run_name or name
         accelerator.init_trackers(
@@ -666,7 +759,7 @@ def train(
     losses: list[tuple[int, float]] = []
     smooth = Smoother()
     vc = cfg.validation
-    mix_with = load_embedding_file(vc.mix_with) if vc.mix_with and is_main else None
+    mix_with = mix_file if is_main else None
     last_grid: list[Path] = []
 
     def validate(step: int) -> None:
@@ -749,8 +842,12 @@ def train(
     accum = tc.gradient_accumulation_steps
     step = start_step
     end_step = tc.max_steps if stop_at_step is None else min(tc.max_steps, stop_at_step)
+    frozen_check_step = frozen_check_at(tc.max_steps, tc.lr_warmup_steps)
+    # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
+    stop = cleanup.enter_context(runs.StopSignals(defer_always=world > 1))
     try:
         while step < end_step:
+            stop.enter_step()
             t_step = time.perf_counter()
             total_loss = torch.zeros((), device=device)
             parts: dict[str, torch.Tensor] = {}
@@ -773,19 +870,24 @@ def train(
                 )
                 with sync:
                     with accelerator.autocast():
-                        vectors = concept()
-                        loss, parts = compute_loss(
-                            models,
-                            batch,
-                            vectors,
-                            kde=kdes,
-                            kde_weight=cfg.kde.weight,
-                            snr_gamma=tc.snr_gamma,
-                        )
+                        concept()  # DDP's forward; the text encoders read the raw parameters
+                        loss, parts = compute_loss(models, batch, snr_gamma=tc.snr_gamma)
                     accelerator.backward(loss / accum)
                 total_loss += loss.detach() / accum
+            # The diffusion gradient is now complete (accumulated, synchronised); unscale it once,
+            # then add the KDE gradient relative to it, then clip (DESIGN §4).
+            accelerator.unscale_gradients()
+            kde_stats = (
+                add_relative_kde_gradient(
+                    {n: raw_concept.sets[n].vectors for n in kdes}, kdes, cfg.kde.weight
+                )
+                if cfg.kde.weight > 0
+                else None
+            )
             if tc.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(raw_concept.parameters(), tc.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    raw_concept.parameters(), tc.max_grad_norm
+                )
             else:
                 grad_norm = torch.cat(
                     [p.grad.detach().flatten() for p in raw_concept.parameters()]
@@ -797,7 +899,17 @@ def train(
             step += 1
 
             mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
+            runs.check_finite_step(
+                step,
+                mean_loss,
+                raw_concept(),
+                last_finite=losses[-1] if losses else None,
+                last_checkpoint=saved["checkpoint"],
+            )
+            stop.leave_step()
             losses.append((step, mean_loss))
+            if step == frozen_check_step and is_main:
+                warn_if_frozen(cfg, relative_movement(raw_concept(), initial_vectors), step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if step % tc.log_every == 0 or step == end_step:
@@ -809,6 +921,9 @@ def train(
                     raw_concept(),
                     variant_of_layer,
                     layer_names,
+                    kdes=kdes,
+                    kde_stats=kde_stats,
+                    moved=relative_movement(raw_concept(), initial_vectors),
                 )
                 logs["loss_smoothed"] = smooth.update(mean_loss)
                 step_time = time.perf_counter() - t_step
@@ -824,10 +939,12 @@ def train(
                 checkpoint(step)
             if tc.snapshot_every and step % tc.snapshot_every == 0 and is_main:
                 export(out / "snapshots" / f"{name}-step{step:06d}.xti.safetensors", step)
+            stop.check(accelerator)
     except KeyboardInterrupt:
-        if is_main:
-            saved = export(out / f"{name}.interrupted.xti.safetensors", step)
-            print(f"interrupted at step {step}; vectors saved to {saved}")
+        bar.close()
+        _save_interrupted(
+            stop, step, start_step, world, is_main, saved, checkpoint, export, out, name
+        )
         raise
     finally:
         bar.close()
@@ -854,6 +971,7 @@ def train(
     )
     if is_main:
         summary = {
+            "run_id": run_id,
             "output_file": str(output_file) if output_file else None,
             "samples_file": str(last_grid[0]) if last_grid else None,
             "steps": step,
@@ -883,10 +1001,104 @@ def train(
                 final_loss=summary["final_loss"],
                 grid=last_grid[0] if last_grid else None,
             )
+        owner.update(status="finished" if output_file else "stopped", steps=step)
+        runs.write_owner(out, owner)
     accelerator.end_training()
     remove_training_hooks()
     _release_accelerator_state()
     return result
+
+
+def _save_interrupted(
+    stop: runs.StopSignals,
+    step: int,
+    start_step: int,
+    world: int,
+    is_main: bool,
+    saved: dict[str, Any],
+    checkpoint: Any,
+    export: Any,
+    out: Path,
+    name: str,
+) -> None:
+    """On SIGINT/SIGTERM: a checkpoint (when the state is at a step boundary) and the vectors."""
+    at_boundary = stop.at_boundary or (world == 1 and not stop.in_step)
+    where = []
+    if at_boundary and step > start_step and saved["step"] != step:
+        checkpoint(step)
+    if at_boundary and saved["step"] == step and saved["checkpoint"] is not None:
+        where.append(f"checkpoint {saved['checkpoint']} (continue with train.resume=latest)")
+    if is_main:
+        try:
+            file = export(out / f"{name}.interrupted.xti.safetensors", step)
+            where.insert(0, f"vectors saved to {file}")
+        except XTIError as err:
+            where.insert(0, str(err))
+        print(f"interrupted at step {step}; {'; '.join(where)}", flush=True)
+
+
+def _load_mix_with(cfg: Config) -> EmbeddingFile | None:
+    """`validation.mix_with`, loaded before the model (one-line errors naming the file)."""
+    path = cfg.validation.mix_with
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise XTIError(f"validation.mix_with: {path} does not exist")
+    return load_embedding_file(path)
+
+
+def _check_mix_with(
+    cfg: Config,
+    mix: EmbeddingFile | None,
+    scheme: LayerScheme,
+    sdxl: bool,
+    embeddings: dict[str, nn.Module],
+) -> None:
+    """Fail before training when the mixing file or `validation.mix_layers` cannot fit the model."""
+    if mix is None:
+        return
+    where = f"validation.mix_with: {cfg.validation.mix_with}"
+    if mix.is_sdxl != sdxl:
+        kind = "an SDXL file" if mix.is_sdxl else f"an SD 1.x/2.x file ({mix.family})"
+        raise XTIError(f"{where} is {kind}, but the model is {'SDXL' if sdxl else 'SD 1.x/2.x'}")
+    from xti.inference import _match_layers
+
+    if _match_layers(mix.layers, scheme) is None:
+        raise XTIError(
+            f"{where}: its layers ({', '.join(mix.layers[:4])}, ...) do not fit this model's "
+            f"({', '.join(scheme.names[:4])}, ...)"
+        )
+    for enc, emb in embeddings.items():
+        width = int(emb.weight.shape[-1])
+        keys = [k for k in mix.vectors if not sdxl or k.startswith(f"{enc}.")]
+        found = {int(mix.vectors[k].shape[-1]) for k in keys}
+        if found and found != {width}:
+            raise XTIError(
+                f"{where}: its vectors are {sorted(found)} wide, this model's {enc} text encoder "
+                f"takes {width}"
+            )
+    try:
+        scheme.select(cfg.validation.mix_layers)
+    except XTIError as err:
+        raise XTIError(f"validation.mix_layers: {err}") from None
+
+
+def _check_prompts(
+    cfg: Config, records: list[Any], bundle: ModelBundle, tokens: dict[str, PlaceholderTokens]
+) -> None:
+    """Every training prompt (captions or templates) and validation prompt fits CLIP's tokens with
+    the placeholder expanded: an error when the placeholder would be cut, a warning otherwise."""
+    placeholder = cfg.concept.placeholder
+    per_image = prompts_per_image(records, placeholder, cfg.data.template)
+    items = []
+    for rec, prompts_ in zip(records, per_image, strict=True):
+        where = rec.source if rec.caption is not None else f"data.template={cfg.data.template}"
+        items += [(where, p) for p in prompts_]
+    if cfg.validation.every > 0:
+        items += [("validation.prompts", p) for p in cfg.validation.prompts]
+    unique = list(dict.fromkeys(items))
+    for name, tok, _ in bundle.text_encoders:
+        check_prompt_lengths(tok, tokens[name], unique)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -932,26 +1144,47 @@ def _step_logs(
     vectors: dict[str, torch.Tensor],
     variant_of_layer: torch.Tensor,
     layer_names: list[str],
+    *,
+    kdes: dict[str, KDERegularizer] | None = None,
+    kde_stats: dict[str, KDEStats] | None = None,
+    moved: float | None = None,
 ) -> dict[str, float]:
-    """Scalars of one step: loss parts, lr, gradient norm, and per layer the mean vector norm and
-    KDE value (``norm/<layer>``; ``norm/<encoder>/<layer>`` when there are two encoders)."""
+    """Scalars of one step: loss parts, lr, gradient norm (after the KDE and clipping), the KDE
+    figures (K, ``grad_norm/diffusion``, ``grad_norm/kde``, ``kde/effective_weight``, summed over
+    encoders; present when the KDE was applied this step), ``vectors/moved`` (``||V - V0|| /
+    ||V0||``), and per layer the mean vector norm and KDE value (``norm/<layer>``, ``kde/<layer>``;
+    ``norm/<encoder>/<layer>`` when there are two encoders)."""
     logs: dict[str, float] = {
         "loss": loss,
         "mse": float(parts["mse"]),
         "lr": float(lr),
         "grad_norm": float(grad_norm),
     }
-    if "kde" in parts:
-        logs["kde"] = float(parts["kde"])
-    kde_v = parts.get("kde_per_vector", {})
+    if moved is not None:
+        logs["vectors/moved"] = moved
+    if kde_stats:
+        logs["grad_norm/diffusion"] = math.sqrt(
+            sum(x.grad_diffusion**2 for x in kde_stats.values())
+        )
+        logs["grad_norm/kde"] = math.sqrt(sum(x.grad_kde**2 for x in kde_stats.values()))
+        logs["kde/effective_weight"] = max(x.effective_weight for x in kde_stats.values())
+    kdes = kdes or {}
+    kde_total = 0.0
     for enc, tensor in vectors.items():
         prefix = f"{enc}/" if len(vectors) > 1 else ""
         norms = tensor.detach().float().norm(dim=-1).mean(-1)  # [V]
+        kde_v = None
+        if enc in kdes:
+            with torch.no_grad():
+                kde_v = kdes[enc](tensor.detach())  # [V, n]
+            kde_total += float(kde_v.mean())
         for i, name in enumerate(layer_names):
             v = int(variant_of_layer[i])
             logs[f"norm/{prefix}{name}"] = float(norms[v])
-            if enc in kde_v:
-                logs[f"kde/{prefix}{name}"] = float(kde_v[enc][v].mean())
+            if kde_v is not None:
+                logs[f"kde/{prefix}{name}"] = float(kde_v[v].mean())
+    if kdes:
+        logs["kde"] = kde_total
     return logs
 
 
