@@ -7,10 +7,12 @@
 
 Both modes run the same `xti.training.compute_loss` + AdamW step on the same model and batch in one
 process, alternating, so the ratio is meaningful even on a noisy machine. It also counts text-encoder
-forward calls per step (XTI encodes all L layer variants in one call per encoder), and times the
-stock UNet forward+backward alone as a baseline (our overhead = shared minus stock). The VAE is not
-part of a training step (latents are cached once), so random latents stand in for it. On CUDA it
-prints peak GPU memory.
+forward calls per step (XTI encodes all L layer variants in one call per encoder) and the text
+encoder's share of the step (its forward, timed by module hooks, plus its backward: from the moment
+the gradient reaches its outputs to the end of backward), and times the stock UNet
+forward+backward alone as a baseline (our overhead = shared minus stock). The VAE is not part of a
+training step (latents are cached once), so random latents stand in for it. On CUDA it prints
+peak GPU memory. Run it on a quiet machine: another busy process makes every figure wrong.
 """
 
 from __future__ import annotations
@@ -133,8 +135,31 @@ def main() -> None:
         time_ids=time_ids if sdxl else None,
     ).to(device)
     calls = []
+    te_time = {"forward": 0.0, "grad_at": None}
+
+    def te_pre(module, args) -> None:
+        sync()
+        te_time["t_pre"] = time.perf_counter()
+
+    def first_grad(grad: torch.Tensor) -> None:
+        sync()
+        now = time.perf_counter()
+        if te_time["grad_at"] is None or now < te_time["grad_at"]:
+            te_time["grad_at"] = now
+
+    def te_post(module, args, output) -> None:
+        sync()
+        calls.append(1)
+        te_time["forward"] += time.perf_counter() - te_time["t_pre"]
+        outs = output.values() if hasattr(output, "values") else output
+        for t in outs:
+            for x in t if isinstance(t, tuple) else (t,):
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    x.register_hook(first_grad)
+
     for te, _ in encoders:
-        parts[te].register_forward_hook(lambda m, a, o: calls.append(1))
+        parts[te].register_forward_pre_hook(te_pre)
+        parts[te].register_forward_hook(te_post)
     stock_processors = dict(unet.attn_processors)
     install_processors(unet, scheme)
     xti_processors = dict(unet.attn_processors)
@@ -155,7 +180,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def xti_step(granularity: str) -> tuple[float, int]:
+    def xti_step(granularity: str) -> tuple[float, int, float]:
+        """Step time, text-encoder calls, text-encoder time (forward + backward) of one step."""
         sets, opt, variants = modes[granularity]
         handles = [
             install_token_embedding(parts[te], tokens[te].first_id, sets[te]) for te, _ in encoders
@@ -166,19 +192,23 @@ def main() -> None:
             text_encoder_2=parts.get("text_encoder_2"), tokens_2=tokens.get("text_encoder_2"),
         )  # fmt: skip
         calls.clear()
+        te_time.update(forward=0.0, grad_at=None)
         sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _ = compute_loss(m, batch)
         loss.backward()
+        sync()
+        t_backward = time.perf_counter()
+        te = te_time["forward"] + (t_backward - (te_time["grad_at"] or t_backward))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         for h in handles:
             h.remove()
-        return time.perf_counter() - t, len(calls)
+        return time.perf_counter() - t, len(calls), te
 
-    def stock_step() -> tuple[float, int]:
+    def stock_step() -> tuple[float, int, float]:
         """Baseline: the stock UNet and processors, gradient to one context tensor, no text encoder."""
         unet.set_attn_processor(dict(stock_processors))
         ctx = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=g)
@@ -200,7 +230,7 @@ def main() -> None:
         sync()
         dt = time.perf_counter() - t
         unet.set_attn_processor(dict(xti_processors))
-        return dt, 0
+        return dt, 0, 0.0
 
     runners = {
         "block": lambda: xti_step("block"),
@@ -208,6 +238,7 @@ def main() -> None:
         "stock": stock_step,
     }
     times: dict[str, list[float]] = {mode: [] for mode in runners}
+    te_times: dict[str, list[float]] = {mode: [] for mode in runners}
     n_calls: dict[str, int] = {}
     peak: dict[str, float] = {}
     for run in runners.values():
@@ -216,11 +247,15 @@ def main() -> None:
         for mode, run in runners.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            dt, n_calls[mode] = run()
+            dt, n_calls[mode], te = run()
             times[mode].append(dt)
+            te_times[mode].append(te)
             if device.type == "cuda":
                 peak[mode] = max(peak.get(mode, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-    header = f"{'mode':<24} {'vector sets':>11} {'median s/step':>14} {'min':>8} {'text-encoder calls/step':>24}"
+    header = (
+        f"{'mode':<24} {'vector sets':>11} {'median s/step':>14} {'min':>8} "
+        f"{'text-encoder calls/step':>24} {'text-enc s':>10} {'text-enc share':>15}"
+    )
     print(header + (f" {'peak GiB':>9}" if peak else ""))
     rows = (
         ("block", "xti", len(scheme)),
@@ -228,8 +263,11 @@ def main() -> None:
         ("stock", "stock UNet fwd+bwd only", 0),
     )
     for mode, label, sets in rows:
-        ts = times[mode]
-        line = f"{label:<24} {sets:>11} {statistics.median(ts):>14.3f} {min(ts):>8.3f} {n_calls[mode]:>24}"
+        ts, te = statistics.median(times[mode]), statistics.median(te_times[mode])
+        line = (
+            f"{label:<24} {sets:>11} {ts:>14.3f} {min(times[mode]):>8.3f} {n_calls[mode]:>24} "
+            f"{te:>10.3f} {te / ts:>15.1%}"
+        )
         print(line + (f" {peak[mode]:>9.2f}" if peak else ""))
     ratio = statistics.median(times["block"]) / statistics.median(times["shared"])
     print(f"xti / shared step-time ratio: {ratio:.2f}")

@@ -1,4 +1,5 @@
-"""Shared test setup: offline hubs, quiet logs, few threads, and the tiny model built once."""
+"""Shared test setup: offline hubs, quiet logs, few threads, the tiny model built once, and an empty
+latent disk cache per test."""
 
 from __future__ import annotations
 
@@ -33,3 +34,19 @@ def tiny_model(tmp_path_factory) -> Path:
     from xti.builders import build_tiny_sd1
 
     return build_tiny_sd1(tmp_path_factory.mktemp("model") / "tiny-sd1", seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_latent_cache(tmp_path_factory):
+    """Module- and session-scoped fixtures (set up before any test's own cache) use this one:
+    never the user's ``$XTI_CACHE/latents``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XTI_LATENT_CACHE", str(tmp_path_factory.mktemp("latents-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_latent_cache(tmp_path_factory, monkeypatch):
+    """Every test (and the processes it starts) gets its own empty latent disk cache: no test reads
+    latents another test, or the user's runs, left behind."""
+    monkeypatch.setenv("XTI_LATENT_CACHE", str(tmp_path_factory.mktemp("latents")))

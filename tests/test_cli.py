@@ -52,3 +52,20 @@ def test_config_command_lists_and_resolves(capsys):
     assert "lr: 0.1" in capsys.readouterr().out
     assert main(["config", "--config", str(REPO / "configs" / "tiny.yaml"), "train.nope=1"]) == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
+
+
+def test_train_mixed_precision_no_from_the_command_line_and_from_yaml(tiny_model, tmp_path, capsys):
+    """An fp16 config (like configs/sd15.yaml) trains in fp32 with `train.mixed_precision=no`, and a
+    YAML file with an unquoted `mixed_precision: no` does too."""
+    common = [f"model.path={tiny_model}", f"data.dir={REPO / 'data' / 'tiny-concept'}", "train.resolution=32",
+              "train.max_steps=1", "concept.placeholder=<box>", "tracking.report_to=none"]  # fmt: skip
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text("train:\n  mixed_precision: fp16\n")
+    plain = tmp_path / "no.yaml"
+    plain.write_text("train:\n  mixed_precision: no\n")
+    for name, config, extra in [("cli", fp16, ["train.mixed_precision=no"]), ("yaml", plain, [])]:
+        out = tmp_path / name
+        args = ["train", "--config", str(config), "--no-progress", f"output_dir={out}"]
+        assert main([*args, *common, *extra]) == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["mixed_precision"] == "no" and summary["steps"] == 1

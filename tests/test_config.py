@@ -85,3 +85,48 @@ def test_bad_files(tmp_path):
         load_config(bad)
     with pytest.raises(XTIError, match="not key=value"):
         load_config(None, ["train.lr"])
+
+
+PRECISIONS = [
+    ("no", "no"), ("No", "no"), ("NO", "no"), ("'no'", "no"), ("off", "no"), ("false", "no"),
+    ("fp32", "no"), ("fp16", "fp16"), ("FP16", "fp16"), ("'fp16'", "fp16"), ("bf16", "bf16"),
+    ("BF16", "bf16"), ("null", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("typed, expected", PRECISIONS, ids=[t for t, _ in PRECISIONS])
+def test_mixed_precision_on_the_command_line_as_typed(typed, expected):
+    cfg = load_config(CONFIGS[0], [f"train.mixed_precision={typed}"])
+    assert cfg.train.mixed_precision == expected
+
+
+@pytest.mark.parametrize("typed, expected", PRECISIONS, ids=[t for t, _ in PRECISIONS])
+def test_mixed_precision_in_yaml_as_typed(tmp_path, typed, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  mixed_precision: {typed}\n")
+    assert load_config(path).train.mixed_precision == expected
+
+
+def test_yaml_booleans_in_other_enum_like_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  resume: no\ntracking:\n  report_to: off\n")
+    cfg = load_config(path)
+    assert cfg.train.resume is None and cfg.tracking.report_to == "none"
+    for override, field in [
+        ("train.mixed_precision=yes", "train.mixed_precision"),
+        ("train.mixed_precision=on", "train.mixed_precision"),
+        ("data.template=on", "data.template"),
+        ("xti.granularity=no", "xti.granularity"),
+        ("concept.initializer=on", "concept.initializer"),
+        ("model.family=off", "model.family"),
+        ("tracking.tags=[a, on]", "tracking.tags"),
+    ]:
+        with pytest.raises(XTIError) as err:
+            load_config(None, [override])
+        msg = str(err.value)
+        assert field in msg and "YAML read an unquoted word" in msg and "\n" not in msg, msg
+    with pytest.raises(
+        XTIError, match="train.mixed_precision: Input should be 'no', 'fp16' or 'bf16'"
+    ):
+        load_config(None, ["train.mixed_precision=fp8"])
+    assert load_config(None, ["concept.initializer='on'"]).concept.initializer == "on"

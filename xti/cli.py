@@ -1,5 +1,5 @@
 """Command line interface: ``xti train``, ``xti layers``, ``xti config``, ``xti generate``,
-``xti inspect``, ``xti export``.
+``xti inspect``, ``xti export``, ``xti cache``.
 
 The CLI only parses arguments and prints; the library does the work. Every `XTIError` becomes one
 line on stderr (``error: …``) and exit status 2, never a traceback.
@@ -230,6 +230,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import math
+
+    from xti.latent_cache import DEFAULT_MAX_GB, LatentDiskCache
+
+    if args.max_gb is not None and not (math.isfinite(args.max_gb) and args.max_gb >= 0):
+        raise XTIError(f"--max-gb must be a finite number >= 0, got {args.max_gb}")
+    cache = LatentDiskCache(args.folder)
+    if cache.folder.exists() and not cache.folder.is_dir():
+        raise XTIError(f"latent cache {cache.folder} is a file, not a folder")
+    action = args.action or "info"
+    if action == "clear":
+        gone = cache.clear()
+        print(f"removed {gone.entries} entries ({gone.bytes / 2**20:.1f} MiB) from {cache.folder}")
+    elif action == "prune":
+        cap = DEFAULT_MAX_GB if args.max_gb is None else args.max_gb
+        gone = cache.prune(int(cap * 2**30))
+        print(
+            f"removed {gone.entries} least recently used entries ({gone.bytes / 2**20:.1f} MiB); "
+            f"{cache.folder} now holds at most {cap:g} GiB"
+        )
+    held = cache.stats()
+    print(f"latent cache {cache.folder}: {held.entries} entries, {held.bytes / 2**20:.1f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xti", description="Extended Textual Inversion (P+) for Stable Diffusion."
@@ -311,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1, help="nearest tokens per vector (default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "cache", help="show, prune or clear the latent disk cache ($XTI_CACHE/latents)"
+    )
+    p.add_argument("action", nargs="?", choices=["info", "prune", "clear"], help="default: info")
+    p.add_argument("--max-gb", type=float, help="prune: keep at most this many GiB (default 10)")
+    p.add_argument(
+        "--folder", help="the cache folder (default $XTI_LATENT_CACHE or $XTI_CACHE/latents)"
+    )
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("export", help="convert to kohya's 16-key file or a plain TI embedding")
     p.add_argument("file")

@@ -12,15 +12,47 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from xti.errors import XTIError
 from xti.paths import file_name_problem
+
+_YAML_WORDS = "yes/no/on/off/true/false"
 
 
 class _Section(BaseModel):
     # Every number must be finite: `train.lr=.inf` is an input error, not a diverged run.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yaml_boolean_words(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML 1.1 reads unquoted yes/no/on/off as booleans: a text field that gets one says so
+        (fields where a boolean means something map it first, in their own validators)."""
+        words = v if isinstance(v, list) else [v]
+        if info.field_name is None or not any(isinstance(w, bool) for w in words):
+            return v
+        if _accepts_bool(cls.model_fields[info.field_name].annotation):
+            return v
+        raise ValueError(
+            f"YAML read an unquoted word ({_YAML_WORDS}) as true/false: quote it, e.g. 'on'"
+        )
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a bool as such (``bool``, or a union or list holding one)."""
+    import typing
+
+    if annotation is bool:
+        return True
+    return any(_accepts_bool(a) for a in typing.get_args(annotation) if a is not type(None))
 
 
 class ModelConfig(_Section):
@@ -81,6 +113,15 @@ class DataConfig(_Section):
         "fail", description="What to do with an unreadable image: fail, or skip it with a warning."
     )
     encode_batch_size: int = Field(4, ge=1, description="Images per VAE call when caching latents.")
+    latent_cache: bool = Field(
+        True,
+        description="Reuse VAE latents across runs from the disk cache ($XTI_LATENT_CACHE, else $XTI_CACHE/latents); false encodes every run and writes nothing.",
+    )
+    latent_cache_max_gb: float = Field(
+        10.0,
+        gt=0.0,
+        description="Size cap of the latent disk cache in GiB; the least recently used entries are removed beyond it.",
+    )
 
 
 class ConceptConfig(_Section):
@@ -131,9 +172,9 @@ class KDEConfig(_Section):
     """KDE regulariser keeping vectors in dense regions of the vocabulary (DESIGN §4)."""
 
     weight: float = Field(
-        0.0,
+        0.01,
         ge=0.0,
-        description="λ: the KDE gradient is added at λ times the diffusion gradient's norm (0.1 = a tenth); 0 turns it off.",
+        description="λ: the KDE gradient is added at λ times the diffusion gradient's norm (0.01 = a hundredth; chosen by bench/kde.py); 0 turns it off.",
     )
     reference: Literal["vocabulary"] | list[str] = Field(
         "vocabulary",
@@ -199,7 +240,7 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None,
-        description="Mixed precision of the frozen models; null lets `accelerate launch` decide.",
+        description="Mixed precision of the frozen models: no (fp32), fp16 or bf16; null lets `accelerate launch` decide.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute UNet activations in backward to save memory."
@@ -231,6 +272,17 @@ class TrainConfig(_Section):
     )
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _precision_as_typed(cls, v: Any) -> Any:
+        return parse_mixed_precision(v)
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_off(cls, v: Any) -> Any:
+        # `resume: no` / `train.resume=false`: YAML's false means "do not resume", like null.
+        return None if v is False else v
+
 
 class TrackingConfig(_Section):
     """Where metrics go."""
@@ -241,6 +293,12 @@ class TrackingConfig(_Section):
     project: str = Field("xti", description="Tracker project name.")
     run_name: str | None = Field(None, description="Run name (default: the concept name).")
     tags: list[str] = Field(default_factory=list, description="Tracker tags.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_nowhere(cls, v: Any) -> Any:
+        # `report_to: no` / `off` / `false` (YAML booleans) and null mean "none".
+        return "none" if v is False or v is None else v
 
 
 class ValidationConfig(_Section):
@@ -314,6 +372,26 @@ class Config(_Section):
             return self.name
         stem = self.concept.placeholder.strip("<>[]{}") or "concept"
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+
+
+PRECISIONS: dict[str, str] = {"no": "no", "fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+"""How `train.mixed_precision` may be typed (any case) and what it means."""
+
+
+def parse_mixed_precision(v: Any) -> Any:
+    """`train.mixed_precision` as users type it: ``no`` (also ``fp32``, and YAML's unquoted
+    ``no``/``off``/``false``, which arrive as False), ``fp16``, ``bf16``, in any case; None
+    (let accelerate decide) stays None. Anything else is returned for pydantic to reject."""
+    if v is False:
+        return "no"
+    if v is True:
+        raise ValueError(
+            f"YAML read an unquoted word ({_YAML_WORDS}) as true: say which precision, "
+            "no, fp16 or bf16"
+        )
+    if isinstance(v, str) and v.strip().lower() in PRECISIONS:
+        return PRECISIONS[v.strip().lower()]
+    return v
 
 
 def _parse_value(text: str) -> Any:

@@ -10,7 +10,8 @@ This module owns the image side of a training step (DESIGN §3.1):
    is not cut off by the text encoder's 77 tokens.
 3. `augment` resizes and crops each image with PIL into a fixed set of distinct augmentations (crops,
    each unflipped and flipped), and `encode_latents` runs the VAE encoder once per augmentation and
-   keeps the latent *distribution* (mean, std) in a `LatentCache`.
+   keeps the latent *distribution* (mean, std) in a `LatentCache` (`xti.latent_cache` keeps these
+   on disk across runs, so a re-run on the same images does not call the VAE).
 4. Every step, `pick_augmentations` chooses one augmentation per image and `LatentCache.sample`
    draws latents from its distribution; both use only the generator they are given, so a resumed
    run replays the same data.
@@ -697,6 +698,14 @@ def encode_latents(
             f"the VAE produced NaN/inf latents in {dtype}: run the VAE in float32 "
             "(some VAEs, e.g. SDXL's, overflow in float16)"
         )
+    return latent_cache_from(mean, std, vae, aug)
+
+
+def latent_cache_from(
+    mean: torch.Tensor, std: torch.Tensor, vae: Any, aug: Augmentations
+) -> LatentCache:
+    """A `LatentCache` of the per-augmentation ``mean``/``std`` [K, C, h, w] of `aug`, with the
+    VAE config's scaling and shift factors (the VAE is not called)."""
     config = getattr(vae, "config", {})
     scaling = config.get("scaling_factor", None) if hasattr(config, "get") else None
     shift = config.get("shift_factor", None) if hasattr(config, "get") else None

@@ -134,8 +134,12 @@ def write_model_card(
     steps: int,
     final_loss: float | None,
     grid: Path | None,
+    timing: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``README.md`` into the output folder: base model, settings, samples, how to load.
+    """Write ``README.md`` into the output folder: base model, settings, timing, samples, and how
+    to generate with the file in a diffusers pipeline.
+
+    `timing` holds ``summary.json``'s timing fields (`xti.training.TIMING_KEYS`).
 
     A ``README.md`` that xti did not write (no `MODEL_CARD_MARKER` first line) is never replaced:
     the card then goes to ``MODEL_CARD.md`` with a warning. Returns the path written.
@@ -163,21 +167,54 @@ def write_model_card(
         f"| initializer | `{c['concept']['initializer']}` |",
         f"| KDE weight (relative) | {c['kde']['weight']} (reference: {_kde_reference(c['kde'])}) |",
         f"| layers | {', '.join(layers)} |",
+        *_timing_rows(timing),
         "",
     ]
     if grid is not None:
         lines += ["## Samples", "", f"![validation samples]({os.path.relpath(grid, folder)})", ""]
+    placeholder = c["concept"]["placeholder"]
+    prompt = (
+        f"a painting in the style of {placeholder}"
+        if c["data"].get("template") == "style"
+        else f"a photo of {placeholder}"
+    )
+    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    res = c["train"]["resolution"]
+    load_lines = _pipeline_source(base_model, pipeline)
     lines += [
         "## Use it",
         "",
+        f"Generate with the file in a stock diffusers `{pipeline}` (run this in this folder):",
+        "",
         "```python",
-        "from xti.export import load_embedding_file",
-        f'ef = load_embedding_file("{rel}")',
-        "print(ef.layers, ef.metadata['xti.placeholder'])",
+        "import torch",
+        f"from diffusers import {pipeline}",
+        *load_lines[:-1],
+        "from xti.inference import load_xti",
+        "",
+        load_lines[-1],
+        f"xti = load_xti(pipe, {json.dumps(rel)})",
+        "image = xti(",
+        f"    {json.dumps(prompt)},",
+        f"    num_inference_steps=30, height={res}, width={res},",
+        "    generator=torch.Generator().manual_seed(0),",
+        ").images[0]",
+        f"image.save({json.dumps(name + '-sample.png')})",
+        "xti.unload()  # the pipeline is as it was",
         "```",
         "",
-        "The file's keys are the layer names (kohya sd-scripts' XTI layout); see the xti README for",
-        "loading it into a diffusers pipeline, style mixing and per-layer prompts.",
+        'On a GPU add `torch_dtype=torch.float16` to the loading call and `pipe.to("cuda")`;',
+        "`xti generate` does the same from the command line. The xti README shows style mixing,",
+        "per-layer prompts and `xti export --format ti` for tools without per-layer support.",
+        "",
+        "Read the file's layers and metadata (its keys are the layer names, kohya sd-scripts' XTI",
+        "layout):",
+        "",
+        "```python",
+        "from xti.export import load_embedding_file",
+        f"ef = load_embedding_file({json.dumps(rel)})",
+        "print(ef.layers, ef.metadata['xti.placeholder'])",
+        "```",
         "",
     ]
     path = folder / "README.md"
@@ -186,6 +223,52 @@ def write_model_card(
         path = folder / "MODEL_CARD.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def _pipeline_source(base_model: str, pipeline: str) -> list[str]:
+    """The imports it needs, then the line that loads `base_model` into `pipeline` as ``pipe``
+    (a builtin model, a single file, or a folder / hub id)."""
+    if base_model.startswith("builtin:"):
+        return [
+            "from xti.builders import resolve_builtin",
+            f"pipe = {pipeline}.from_pretrained(resolve_builtin({json.dumps(base_model)}))",
+        ]
+    if base_model.lower().endswith((".safetensors", ".ckpt")):
+        return [f"pipe = {pipeline}.from_single_file({json.dumps(base_model)})"]
+    return [f"pipe = {pipeline}.from_pretrained({json.dumps(base_model)})"]
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.3g} s" if isinstance(value, (int, float)) else "-"
+
+
+def _timing_rows(timing: dict[str, Any] | None) -> list[str]:
+    """Model-card rows: setup time, latent caching (hit or not), median step time."""
+    if not timing:
+        return []
+    setup = _seconds(timing.get("setup_seconds"))
+    if timing.get("launch_to_first_step_seconds") is not None:
+        setup += f" ({_seconds(timing['launch_to_first_step_seconds'])} from launch)"
+    status = timing.get("latent_cache")
+    how = {
+        "hit": "disk cache hit",
+        "miss": "disk cache miss",
+        "partial": "disk cache partly hit",
+        "off": "disk cache off",
+    }.get(status, str(status))
+    latents = (
+        f"{_seconds(timing.get('latent_seconds'))}, {how} "
+        f"({timing.get('latents_encoded')} of {timing.get('latents_total')} encoded by the VAE)"
+    )
+    step = _seconds(timing.get("median_step_seconds"))
+    if timing.get("steps_timed"):
+        step += f" over {timing['steps_timed']} steps"
+    step += f", mixed precision {timing.get('mixed_precision', '-')} on {timing.get('device', '-')}"
+    return [
+        f"| setup (start to first step) | {setup} |",
+        f"| VAE latents | {latents} |",
+        f"| median step time | {step} |",
+    ]
 
 
 MODEL_CARD_MARKER = "<!-- xti model card: rewritten by each run into this folder -->"

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,6 @@ from xti.data import (
     augment,
     check_captions,
     check_prompt_lengths,
-    encode_latents,
     load_images,
     pick_augmentations,
     prompts_per_image,
@@ -67,6 +67,7 @@ from xti.export import (
     save_embedding_file,
 )
 from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
+from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
 from xti.tracking import (
@@ -496,6 +497,7 @@ def _train(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    process_age = _process_age()  # seconds from the process start to this call
     tc = cfg.train
     out = Path(cfg.output_dir).expanduser()
 
@@ -595,14 +597,22 @@ def _train(
         flip_p=cfg.data.flip_p,
         seed=tc.seed,
     )
-    cache = encode_latents(
-        bundle.vae.to(device),
+    # From the disk cache when these pixels were encoded by this VAE before (xti.latent_cache);
+    # the VAE then is neither moved nor called.
+    cache, latent_report = cached_latents(
+        bundle.vae,
         aug,
         cfg.data.encode_batch_size,
+        cache=(
+            LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
+            if cfg.data.latent_cache
+            else None
+        ),
         device=device,
         progress=progress and is_main,
     )
-    bundle.vae.to("cpu")
+    if is_main:
+        logger.info("latents: %s", latent_report.describe())
     prompts = PromptTable.build(
         bundle.tokenizer,
         prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
@@ -841,6 +851,8 @@ def _train(
     global_batch = tc.batch_size * world
     accum = tc.gradient_accumulation_steps
     step = start_step
+    step_seconds: list[float] = []  # this process's steps, for the bar, summary and model card
+    setup_seconds: float | None = None
     end_step = tc.max_steps if stop_at_step is None else min(tc.max_steps, stop_at_step)
     frozen_check_step = frozen_check_at(tc.max_steps, tc.lr_warmup_steps)
     # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
@@ -849,6 +861,10 @@ def _train(
         while step < end_step:
             stop.enter_step()
             t_step = time.perf_counter()
+            if setup_seconds is None:
+                setup_seconds = t_step - t0
+                if is_main:
+                    logger.info("first step after %.1f s of setup", setup_seconds)
             total_loss = torch.zeros((), device=device)
             parts: dict[str, torch.Tensor] = {}
             for micro in range(accum):
@@ -899,6 +915,8 @@ def _train(
             step += 1
 
             mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
+            step_time = time.perf_counter() - t_step  # .item() waited for the device
+            step_seconds.append(step_time)
             runs.check_finite_step(
                 step,
                 mean_loss,
@@ -910,8 +928,11 @@ def _train(
             losses.append((step, mean_loss))
             if step == frozen_check_step and is_main:
                 warn_if_frozen(cfg, relative_movement(raw_concept(), initial_vectors), step)
+            bar.set_postfix(  # the median of the last steps: tqdm's own rate is a moving mean
+                {"loss": f"{mean_loss:.4f}", "s/step": f"{_median(step_seconds[-20:]):.3g}"},
+                refresh=False,
+            )
             bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
             if step % tc.log_every == 0 or step == end_step:
                 logs = _step_logs(
                     mean_loss,
@@ -926,7 +947,6 @@ def _train(
                     moved=relative_movement(raw_concept(), initial_vectors),
                 )
                 logs["loss_smoothed"] = smooth.update(mean_loss)
-                step_time = time.perf_counter() - t_step
                 logs["step_time"] = step_time
                 logs["samples_per_s"] = global_batch * accum / step_time
                 logs["peak_memory_gb"] = _peak_memory_gb(device)
@@ -979,6 +999,9 @@ def _train(
             "world_size": world,
             "ranks_in_sync": in_sync,
             "seconds": round(result.seconds, 2),
+            **run_timing(setup_seconds, latent_report, step_seconds, process_age),
+            "mixed_precision": accelerator.mixed_precision,
+            "device": str(device),
         }
         nearest = {
             enc: _nearest_tokens(
@@ -1000,6 +1023,7 @@ def _train(
                 steps=step,
                 final_loss=summary["final_loss"],
                 grid=last_grid[0] if last_grid else None,
+                timing={k: summary[k] for k in TIMING_KEYS},
             )
         owner.update(status="finished" if output_file else "stopped", steps=step)
         runs.write_owner(out, owner)
@@ -1007,6 +1031,63 @@ def _train(
     remove_training_hooks()
     _release_accelerator_state()
     return result
+
+
+TIMING_KEYS = (
+    "setup_seconds",
+    "launch_to_first_step_seconds",
+    "latent_seconds",
+    "latent_cache",
+    "latents_encoded",
+    "latents_total",
+    "median_step_seconds",
+    "steps_timed",
+    "mixed_precision",
+    "device",
+)
+"""The timing fields of ``summary.json`` (and the model card), see `run_timing`."""
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (None where psutil cannot tell)."""
+    try:
+        import psutil  # a dependency of accelerate
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:
+        return None
+
+
+def run_timing(
+    setup_seconds: float | None,
+    latents: LatentReport,
+    step_seconds: list[float],
+    process_age: float | None = None,
+) -> dict[str, Any]:
+    """The timing fields of ``summary.json``: ``setup_seconds`` (from `train()` to the first step
+    of this process), ``launch_to_first_step_seconds`` (from the process start, interpreter and
+    imports included), ``latent_seconds`` and ``latent_cache`` (hit, miss, partial or off) with
+    ``latents_encoded`` of ``latents_total`` going through the VAE, and ``median_step_seconds``
+    over the ``steps_timed`` optimizer steps this process ran (validation and checkpoints not
+    included). `process_age` is the process's age when `train()` was called. (The summary adds
+    ``mixed_precision`` and ``device``, which the times depend on.)"""
+    launch = None
+    if setup_seconds is not None and process_age is not None:
+        launch = round(process_age + setup_seconds, 2)
+    return {
+        "setup_seconds": round(setup_seconds, 2) if setup_seconds is not None else None,
+        "launch_to_first_step_seconds": launch,
+        "latent_seconds": round(latents.seconds, 2),
+        "latent_cache": latents.status,
+        "latents_encoded": latents.encoded,
+        "latents_total": latents.total,
+        "median_step_seconds": round(_median(step_seconds), 4) if step_seconds else None,
+        "steps_timed": len(step_seconds),
+    }
 
 
 def _save_interrupted(
