@@ -16,6 +16,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
@@ -165,6 +166,15 @@ def build_metadata(
 # --------------------------------------------------------------------------- writing
 
 
+_TMP_TOKEN_BYTES = 6
+
+
+def atomic_tmp_pattern(name_regex: str = r".+") -> re.Pattern[str]:
+    """The names `atomic_write_bytes` gives its temporary files (``.<name>.<12 hex>.tmp``) for
+    target names matching `name_regex`: what clean-ups of killed writes may remove."""
+    return re.compile(rf"^\.{name_regex}\.[0-9a-f]{{{2 * _TMP_TOKEN_BYTES}}}\.tmp$")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` never exists half-written.
 
@@ -176,7 +186,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(_TMP_TOKEN_BYTES)}.tmp")
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from xti.export import atomic_tmp_pattern
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "v1"
@@ -57,7 +59,7 @@ STALE_TMP_SECONDS = 3600
 """Temporary files older than this are left over from killed writes and may be removed."""
 
 _ENTRY = re.compile(r"^[0-9a-f]{40}\.safetensors$")
-_TMP = re.compile(r"^\.[0-9a-f]{40}\.safetensors\.[0-9a-f]{12}\.tmp$")
+_TMP = atomic_tmp_pattern(r"[0-9a-f]{40}\.safetensors")
 _DECODER_ONLY = ("decoder.", "post_quant_conv.")
 
 

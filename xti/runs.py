@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from xti.errors import XTIError
+from xti.export import atomic_tmp_pattern
 from xti.paths import check_output_dir
 
 try:  # POSIX; elsewhere the folder is not locked
@@ -68,7 +69,7 @@ DECAYING_SCHEDULES = frozenset({"linear", "cosine", "cosine_with_restarts", "pol
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STEP_TMP = re.compile(r"^step-\d+\.tmp$")
-_ATOMIC_TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # xti.export.atomic_write_bytes
+_ATOMIC_TMP = atomic_tmp_pattern()
 
 _LABELS = {"batch": "effective batch (train.batch_size × gradient_accumulation_steps × processes)"}
 
