@@ -34,11 +34,10 @@ Vectors are counted over all layers (in TI mode the layers are equal). Editing a
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-import torch
+from common import REPO, add_common_arguments, start
 
 from xti import procedural as P
 from xti import quality as Q
@@ -48,7 +47,6 @@ from xti.export import load_embedding_file
 from xti.inference import load_pipeline
 from xti.kde import KDERegularizer
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = {"block": "XTI", "shared": "TI"}
 COLUMNS = ["recon all", "recon dist", "edit colour", "edit shape", "mix both"]
 VECTOR_COLUMNS = {"norm ratio": "norm_ratio", "NN dist / h": "nn_over_h", "moved": "moved"}
@@ -68,29 +66,13 @@ def main() -> None:
     )
     ap.add_argument("--object", default="striped-cross", help="object mixed with style concepts")
     ap.add_argument("--style", default="teal-dotted", help="style mixed into object concepts")
-    ap.add_argument("--seeds", type=int, default=8, help="images per prompt")
-    ap.add_argument("--work-dir", default="outputs/bench-kde")
-    ap.add_argument("--reuse", action="store_true", help="reuse snapshots already in --work-dir")
-    ap.add_argument(
-        "--mix-layers", default=Q.DEMO_SHAPE_LAYERS, help="layers that take the object when mixing"
-    )
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value overrides for every training config (e.g. train.lr=0.02)",
-    )
+    add_common_arguments(ap, "outputs/bench-kde")
     args = ap.parse_args()
-    os.chdir(REPO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     budgets = sorted({int(s) for s in args.steps.split(",")})
     weights = sorted({float(w) for w in args.weights.split(",")})
     modes = args.modes.split(",")
     names = args.concepts.split(",")
-    for name in [*names, args.object, args.style]:
-        if name not in Q.DEMO_CONFIGS:
-            ap.error(f"unknown concept {name!r}; demo concepts: {', '.join(Q.DEMO_CONFIGS)}")
+    start(ap, args, [*names, args.object, args.style])
     kinds = {name: P.DEMO_CONCEPTS[name]["kind"] for name in Q.DEMO_CONFIGS}
     if kinds[args.object] != "object" or kinds[args.style] != "style":
         ap.error("--object must be an object concept and --style a style concept")

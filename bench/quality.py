@@ -35,18 +35,16 @@ After the table, per object and mode: the first budget at which "recon all" reac
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-import torch
+from common import REPO, add_common_arguments, start
 
 from xti import procedural as P
 from xti import quality as Q
 from xti.config import load_config
 from xti.inference import load_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = {"block": "XTI", "shared": "TI"}
 COLUMNS = list(Q.SCORES)
 
@@ -63,29 +61,13 @@ def main() -> None:
         help="comma-separated object concepts (names in xti.procedural.DEMO_CONCEPTS)",
     )
     ap.add_argument("--style", default="teal-dotted", help="style concept mixed into the objects")
-    ap.add_argument("--seeds", type=int, default=8, help="images per prompt")
     ap.add_argument("--threshold", type=float, default=0.9, help="'recon all' level to reach")
-    ap.add_argument("--work-dir", default="outputs/bench-quality")
-    ap.add_argument("--reuse", action="store_true", help="reuse snapshots already in --work-dir")
-    ap.add_argument(
-        "--mix-layers", default=Q.DEMO_SHAPE_LAYERS, help="layers that take the object when mixing"
-    )
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value overrides for every training config (e.g. train.lr=0.02)",
-    )
+    add_common_arguments(ap, "outputs/bench-quality")
     args = ap.parse_args()
-    os.chdir(REPO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     budgets = sorted({int(s) for s in args.steps.split(",")})
     modes = args.modes.split(",")
     names = args.concepts.split(",")
-    for name in [*names, args.style]:
-        if name not in Q.DEMO_CONFIGS:
-            ap.error(f"unknown concept {name!r}; demo concepts: {', '.join(Q.DEMO_CONFIGS)}")
+    start(ap, args, [*names, args.style])
     work = Path(args.work_dir)
     seeds = list(range(args.seeds))
     t_start = time.perf_counter()
