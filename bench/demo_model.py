@@ -5,7 +5,7 @@
 
 For every named colour x shape pair (on backgrounds cycling white/gray/black) it samples one image per
 seed (DDIM, 12 steps, guidance 4: the settings of the acceptance test) and reads it back with
-`xti.procedural.measure`. Prints per-shape and overall hit rates; chance for shape is 1/6.
+`xti.demo.procedural.measure`. Prints per-shape and overall hit rates; chance for shape is 1/6.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import itertools
 import torch
 from diffusers import StableDiffusionPipeline
 
-from xti import procedural as P
+from xti.demo import procedural as P
 
 
 def main() -> None:

@@ -2,18 +2,18 @@
 
 Recipe (deterministic from ``--seed``; one CPU thread):
 
-1. draw ``--dataset-size`` labelled 32x32 images with `xti.procedural` (held-out combinations
-   excluded, see `xti.procedural.HELD_OUT`);
+1. draw ``--dataset-size`` labelled 32x32 images with `xti.demo.procedural` (held-out combinations
+   excluded, see `xti.demo.procedural.HELD_OUT`);
 2. train an AutoencoderKL (32x32x3 → 16x16x4) for ``--vae-steps`` steps (MSE + tiny KL);
 3. encode the dataset once (latent mean/std cached), set the VAE scaling factor to 1/std;
 4. train the SD1-layout UNet (16 cross-attention layers) and the CLIP text encoder (real 49,408-token
    tokenizer) jointly for ``--steps`` steps with v-prediction on a zero-terminal-SNR schedule
    (``rescale_betas_zero_snr``), so that background brightness follows the prompt instead of the
-   seed; captions drop attributes at random (`xti.procedural.training_caption`); weights are
+   seed; captions drop attributes at random (`xti.demo.procedural.training_caption`); weights are
    averaged by EMA, and the EMA weights are what is saved;
 5. every ``--checkpoint-minutes`` and at the end, write a complete ``StableDiffusionPipeline`` folder
    (``<work-dir>/checkpoint-latest`` while training, ``<out>`` at the end) and a sample grid with
-   measured hit rates (`xti.procedural.measure`) into ``--work-dir``.
+   measured hit rates (`xti.demo.procedural.measure`) into ``--work-dir``.
 
 The learning rate is constant after warm-up, so a run stopped after N steps and a run started with
 ``--steps N`` end with the same weights. ``--max-minutes`` stops early (and still saves).
@@ -50,8 +50,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from xti import procedural as P
-from xti.builders import TINY_VAE_CONFIG
+from xti.demo import procedural as P
+from xti.demo.builders import TINY_VAE_CONFIG
 from xti.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, build_clip_tokenizer
 
 # --------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ TINY_CONCEPT = REPO / "data" / "tiny-concept"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny SD1-layout diffusers folder (16 layers), built once per test session."""
-    from xti.builders import build_tiny_sd1
+    from xti.demo.builders import build_tiny_sd1
 
     return build_tiny_sd1(tmp_path_factory.mktemp("model") / "tiny-sd1", seed=0)
 

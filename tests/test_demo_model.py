@@ -1,5 +1,5 @@
 """Acceptance of the shipped demo model (data/demo-model): it loads offline with stock diffusers and
-draws what the prompt asks for, measured with xti.procedural (dominant hue, shape mask, background
+draws what the prompt asks for, measured with xti.demo.procedural (dominant hue, shape mask, background
 brightness) over several seeds."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from xti import procedural as P
+from xti.demo import procedural as P
 
 REPO = Path(__file__).parents[1]
 DEMO_MODEL = REPO / "data" / "demo-model"

@@ -16,9 +16,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from xti.builders import build_tiny_sdxl
 from xti.cli import main
 from xti.config import load_config
+from xti.demo.builders import build_tiny_sdxl
 from xti.errors import XTIError
 from xti.export import build_metadata, save_embedding_file
 from xti.inference import XTIAdapter, export_ti, load_xti

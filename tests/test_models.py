@@ -15,8 +15,9 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from xti import builders
-from xti.builders import (
+from xti.config import ModelConfig
+from xti.demo import builders
+from xti.demo.builders import (
     CLIP_L_TEXT_CONFIG,
     OPENCLIP_H_TEXT_CONFIG,
     SD1_SCHEDULER_CONFIG,
@@ -29,7 +30,6 @@ from xti.builders import (
     build_tiny_sd1_components,
     resolve_builtin,
 )
-from xti.config import ModelConfig
 from xti.errors import XTIError
 from xti.models import ModelBundle, detect_family, load_model, training_scheduler
 

@@ -1,4 +1,4 @@
-"""The procedural generator and the measurements that read its labels back (xti.procedural)."""
+"""The procedural generator and the measurements that read its labels back (xti.demo.procedural)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from xti import procedural as P
+from xti.demo import procedural as P
 
 REPO = Path(__file__).parents[1]
 CONCEPTS = REPO / "data" / "demo-concepts"

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from xti.errors import XTIError
 from xti.paths import check_file_name, check_output_dir
@@ -113,19 +113,26 @@ def _parse_size(text: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
+def parse_assignments(items: Iterable[str], what: str, *, split_last: bool) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` command-line items in order (``--mix "<a>=coarse"``,
+    ``--layer-prompt "mid=a green lizard"``); ``split_last`` splits at the last ``=``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.rpartition("=") if split_last else item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise XTIError(f"{what}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import math
 
     import torch
 
     from xti.export import load_embedding_file
-    from xti.inference import (
-        XTIAdapter,
-        load_pipeline,
-        parse_assignments,
-        save_images,
-        set_scheduler,
-    )
+    from xti.inference import XTIAdapter
+    from xti.pipelines import load_pipeline, save_images, set_scheduler
 
     if args.count < 1 or args.steps < 1:
         raise XTIError("--count and --steps must be >= 1")
@@ -202,7 +209,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from xti.inference import inspect_embedding
+    from xti.export import inspect_embedding
 
     info = inspect_embedding(
         args.file, model=args.model, allow_pickle=args.allow_pickle, top_k=args.top_k
@@ -212,7 +219,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from xti.inference import export_kohya, export_ti
+    from xti.export import export_kohya, export_ti
 
     if args.format == "kohya":
         if args.layer or args.mean:

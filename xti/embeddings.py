@@ -10,19 +10,21 @@ How a concept lives in the text encoder without touching its vocabulary:
 * `ConceptTokenEmbedding` is installed with the text encoder's own extension point
   (`set_input_embeddings`): original ids read the frozen table, virtual ids read the vectors. No
   vocabulary row is written and the optimizer sees only the vectors.
-* `encode_per_layer` runs the text encoder once on the ``V·B`` batch and returns contexts
-  ``[L, B, T, D]`` (each layer takes its variant's hidden states).
+* `encode_per_layer` builds a training batch's per-layer id rows (`layer_rows`) and runs them
+  through the per-layer encoder that inference shares (`xti.families.encode_layers`): each text
+  encoder runs once, contexts are ``[L, B, T, D]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from xti.errors import XTIError
+from xti.families import EncoderPart, ModelFamily, encode_layers
 
 
 @dataclass(frozen=True)
@@ -190,27 +192,60 @@ def layer_variants(num_layers: int, granularity: str) -> torch.Tensor:
     return torch.arange(num_layers)
 
 
-def encode_per_layer(
-    text_encoder: nn.Module,
+def layer_rows(
     input_ids: torch.Tensor,
     tokens: PlaceholderTokens,
     variant_of_layer: torch.Tensor,
-    num_variants: int,
+    extra_variants: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Encode a batch of prompts into per-layer contexts ``[L, B, T, D]`` with one encoder call.
+    """The ``[1, R, B, T]`` id rows of `xti.families.encode_layers` for one training batch.
+
+    Row i is the batch with the placeholder ids of layer i's variant (`variant_of_layer`), then one
+    row per `extra_variants` entry (SDXL's POOL slot is variant V).
+    """
+    extra = torch.tensor(list(extra_variants), dtype=torch.long)
+    rows = torch.cat([variant_of_layer.cpu(), extra]).to(input_ids.device)
+    is_placeholder = (input_ids >= tokens.first_id) & (
+        input_ids < tokens.first_id + tokens.n_vectors
+    )
+    offsets = rows.view(-1, 1, 1) * tokens.n_vectors
+    return (input_ids.unsqueeze(0) + offsets * is_placeholder.unsqueeze(0)).unsqueeze(0)
+
+
+def encode_per_layer(
+    family: ModelFamily,
+    parts: Sequence[EncoderPart],
+    input_ids: Mapping[str, torch.Tensor],
+    tokens: Mapping[str, PlaceholderTokens],
+    variant_of_layer: torch.Tensor,
+    num_variants: int,
+    pooled: str = "slot",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-layer contexts ``[L, B, T, D]`` (and SDXL's pooled ``[B, P]``) of a training batch.
+
+    The text encoders carry the concept's `ConceptTokenEmbedding`; each runs once, through the
+    per-layer encoder that inference shares (`xti.families.encode_layers`). An encoder with more
+    vector sets than layer variants (SDXL's POOL slot) gets its extra rows too.
 
     Args:
-        text_encoder: the text encoder with a `ConceptTokenEmbedding` installed.
-        input_ids: ``[B, T]`` ids (placeholder expanded to its variant-0 tokens).
-        tokens: the concept's placeholder tokens.
+        family: the model family.
+        parts: its text encoders.
+        input_ids: per encoder ``[B, T]`` ids (placeholder expanded to its variant-0 tokens).
+        tokens: per encoder, the concept's placeholder tokens.
         variant_of_layer: ``[L]`` variant index per layer (see `layer_variants`).
-        num_variants: V, the number of vector sets.
+        num_variants: V, the number of layer vector sets.
+        pooled: SDXL: ``slot`` (the POOL vector set) or ``mean`` (of the layers' pooled outputs).
     """
-    batch, length = input_ids.shape
-    ids = variant_ids(input_ids, tokens.first_id, tokens.n_vectors, num_variants)
-    hidden = text_encoder(ids.reshape(num_variants * batch, length))[0]
-    hidden = hidden.reshape(num_variants, batch, length, hidden.shape[-1])
-    return hidden[variant_of_layer.to(hidden.device)]
+    ids = {}
+    pool_row = False
+    for part in parts:
+        extra = range(num_variants, family.vector_sets(part.name, num_variants, pooled))
+        pool_row = pool_row or len(extra) > 0
+        ids[part.name] = layer_rows(
+            input_ids[part.name], tokens[part.name], variant_of_layer, extra
+        )
+    out = encode_layers(family, parts, ids, num_layers=len(variant_of_layer), pool_row=pool_row)
+    return out.contexts[0], (out.pooled[0] if out.pooled is not None else None)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -237,56 +272,3 @@ class ConceptSet(nn.Module):
 
     def shapes(self) -> dict[str, list[int]]:
         return {name: list(module.vectors.shape) for name, module in self.sets.items()}
-
-
-def eos_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Index of the first EOS token of each row (added tokens have larger ids, so not ``argmax``)."""
-    is_eos = input_ids == eos_id
-    if not bool(is_eos.any(dim=-1).all()):
-        raise XTIError(
-            "a tokenized prompt has no end-of-text token; tokenize with padding to max length"
-        )
-    return is_eos.int().argmax(dim=-1)
-
-
-def pooled_text_embeds(
-    text_encoder_2: nn.Module, last_hidden_state: torch.Tensor, input_ids: torch.Tensor, eos_id: int
-) -> torch.Tensor:
-    """SDXL's pooled ``text_embeds``: the projected final hidden state at the true EOS position."""
-    rows = torch.arange(input_ids.shape[0], device=last_hidden_state.device)
-    pooled = last_hidden_state[rows, eos_positions(input_ids, eos_id).to(last_hidden_state.device)]
-    return text_encoder_2.text_projection(pooled)
-
-
-def encode_sdxl_per_layer(
-    text_encoders: tuple[nn.Module, nn.Module],
-    input_ids: tuple[torch.Tensor, torch.Tensor],
-    tokens: tuple[PlaceholderTokens, PlaceholderTokens],
-    variant_of_layer: torch.Tensor,
-    num_variants: int,
-    eos_id: int,
-    pooled: str = "slot",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL per-layer contexts and pooled embeddings (DESIGN §5), one call per text encoder.
-
-    Each layer's context is the concatenation of both encoders' penultimate hidden states for that
-    layer's variant: ``[L, B, T, D1 + D2]``. The pooled ``text_embeds`` ``[B, P]`` come from the
-    second encoder's extra ``POOL`` variant (index ``num_variants``; ``pooled="slot"``) or from the
-    mean over its layer variants (``pooled="mean"``).
-    """
-    te1, te2 = text_encoders
-    ids1, ids2 = input_ids
-    tok1, tok2 = tokens
-    batch, length = ids1.shape
-    v2 = num_variants + 1 if pooled == "slot" else num_variants
-    var1 = variant_ids(ids1, tok1.first_id, tok1.n_vectors, num_variants).reshape(-1, length)
-    var2 = variant_ids(ids2, tok2.first_id, tok2.n_vectors, v2).reshape(-1, length)
-    h1 = te1(var1, output_hidden_states=True).hidden_states[-2]
-    out2 = te2(var2, output_hidden_states=True)
-    h2 = out2.hidden_states[-2].reshape(v2, batch, length, -1)[:num_variants]
-    pooled_all = pooled_text_embeds(te2, out2.last_hidden_state, var2, eos_id).reshape(
-        v2, batch, -1
-    )
-    pooled_out = pooled_all[num_variants] if pooled == "slot" else pooled_all.mean(0)
-    contexts = torch.cat([h1.reshape(num_variants, batch, length, -1), h2.to(h1.dtype)], dim=-1)
-    return contexts[variant_of_layer.to(contexts.device)], pooled_out

@@ -22,13 +22,17 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as _safetensors_save
 
 from xti.errors import XTIError
+from xti.families import FAMILIES, SD1, ModelFamily, of_file
+from xti.paths import check_output_file
+
+PathLike = str | os.PathLike[str]
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,10 +52,6 @@ SD1_LAYER_NAMES: list[str] = [
     "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11",
 ]  # fmt: skip
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-SDXL_ENCODERS = ("clip_l", "clip_g")
-POOL = "POOL"
-POOL_KEY = "clip_g.POOL"
 
 _ARCHITECTURE = {
     "sd1": "stable-diffusion-v1/xti",
@@ -79,26 +79,24 @@ class EmbeddingFile:
     source: str | None = None
 
     @property
-    def is_sdxl(self) -> bool:
-        """Whether the keys carry ``clip_l.``/``clip_g.`` prefixes (two text encoders)."""
-        return any(k.startswith(f"{enc}.") for k in self.vectors for enc in SDXL_ENCODERS)
+    def model_family(self) -> ModelFamily:
+        """The `xti.families.ModelFamily` of the file: its metadata, else its key layout."""
+        return of_file(self.metadata, self.vectors)
 
     @property
     def family(self) -> str:
-        """``sd1``, ``sd2`` or ``sdxl``: from the metadata, else from the key layout."""
-        fam = self.metadata.get("xti.family")
-        if fam in FAMILIES:
-            return fam
-        return "sdxl" if self.is_sdxl else "sd1"
+        """``sd1``, ``sd2`` or ``sdxl``."""
+        return self.model_family.name
 
     @property
     def n_vectors(self) -> int:
         """Vectors per layer (rows of every tensor)."""
         return next(iter(self.vectors.values())).shape[0]
 
-    def layer_vectors(self, layer: str, encoder: str | None = None) -> torch.Tensor:
-        """The ``[n, d]`` tensor of one layer (``encoder`` is ``clip_l``/``clip_g`` for SDXL)."""
-        key = layer if encoder is None else f"{encoder}.{layer}"
+    def layer_vectors(self, layer: str, encoder: str) -> torch.Tensor:
+        """The ``[n, d]`` tensor of one layer for one text encoder (``text``; ``clip_l``/``clip_g``
+        for SDXL)."""
+        key = self.model_family.file_key(encoder, layer)
         if key not in self.vectors:
             raise XTIError(f"no vectors for {key!r}; keys: {_show_keys(self.vectors)}")
         return self.vectors[key]
@@ -259,15 +257,10 @@ def _ordered_keys(vectors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) 
     except json.JSONDecodeError:
         layers = []
     order: list[str] = []
-    if isinstance(layers, list):
-        for name in layers:
-            for key in (str(name), *(f"{enc}.{name}" for enc in SDXL_ENCODERS)):
-                if key in vectors and key not in order:
-                    order.append(key)
-    order += [k for k in vectors if k not in order and k != POOL_KEY]
-    if POOL_KEY in vectors:
-        order.append(POOL_KEY)
-    return order
+    if isinstance(layers, list) and all(isinstance(x, str) for x in layers):
+        required, optional = of_file(meta, vectors).expected_keys(layers)
+        order = [k for k in required + optional if k in vectors]
+    return order + [k for k in vectors if k not in order]
 
 
 # --------------------------------------------------------------------------- reading
@@ -358,14 +351,7 @@ def _interpret(
                 f"version {FORMAT_VERSION}); upgrade xti"
             )
         layers = _parse_layers(p, metadata.get("xti.layers"))
-        sdxl = metadata.get("xti.family") == "sdxl" or any(
-            k.startswith(f"{enc}.") for k in tensors for enc in SDXL_ENCODERS
-        )
-        if sdxl:
-            expected = [f"{enc}.{name}" for name in layers for enc in SDXL_ENCODERS]
-            optional = [POOL_KEY]
-        else:
-            expected, optional = list(layers), []
+        expected, optional = of_file(metadata, tensors).expected_keys(layers)
         kind: Literal["xti", "kohya"] = "xti"
     elif set(tensors) == set(SD1_LAYER_NAMES):
         layers, expected, optional, kind = list(SD1_LAYER_NAMES), list(SD1_LAYER_NAMES), [], "kohya"
@@ -476,9 +462,183 @@ def to_ti_vectors(
     if layer is not None and layer not in ef.layers:
         raise XTIError(f"unknown layer {layer!r}; layers in this file: {', '.join(ef.layers)}")
     chosen = ef.layers if mean else [layer]
-    encoders: tuple[str | None, ...] = SDXL_ENCODERS if ef.is_sdxl else (None,)
+    family = ef.model_family
     out: dict[str, torch.Tensor] = {}
-    for enc in encoders:
+    for enc in family.encoder_names:
         stack = torch.stack([ef.layer_vectors(name, enc).float() for name in chosen])
-        out[enc or "emb_params"] = stack.mean(dim=0).cpu().contiguous().clone()
+        out[family.ti_key(enc)] = stack.mean(dim=0).cpu().contiguous().clone()
     return out
+
+
+# --------------------------------------------------------------------------- inspect and export
+
+
+def inspect_embedding(
+    path: PathLike,
+    *,
+    model: str | None = None,
+    allow_pickle: bool = False,
+    top_k: int = 1,
+) -> dict[str, Any]:
+    """Describe an embedding file as JSON-ready data.
+
+    Keys: ``file``, ``kind`` (xti/kohya), ``family``, ``placeholder``, ``n_vectors``, ``layers``,
+    ``shapes`` and ``norms`` (L2 norm of each vector, per key), ``metadata``; with ``model``
+    (a folder, ``builtin:`` name or hub id) also ``nearest_tokens``: per key, for each vector, the
+    ``top_k`` nearest vocabulary tokens (Euclidean, special tokens excluded).
+    """
+    ef = load_embedding_file(path, allow_pickle=allow_pickle)
+    info: dict[str, Any] = {
+        "file": str(path),
+        "kind": ef.kind,
+        "family": ef.family,
+        "placeholder": ef.metadata.get("xti.placeholder"),
+        "n_vectors": ef.n_vectors,
+        "layers": list(ef.layers),
+        "shapes": {k: list(v.shape) for k, v in ef.vectors.items()},
+        "norms": {k: [round(float(x), 6) for x in v.norm(dim=-1)] for k, v in ef.vectors.items()},
+        "metadata": _decoded_metadata(ef.metadata),
+    }
+    if model is not None:
+        info["model"] = model
+        info["nearest_tokens"] = _nearest_tokens(ef, str(path), model, top_k)
+    return info
+
+
+def _decoded_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if key in ("xti.layers", "xti.text_dims"):
+            try:
+                out[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
+
+def _nearest_tokens(ef: EmbeddingFile, where: str, model: str, top_k: int) -> dict[str, Any]:
+    from xti.kde import KDERegularizer
+    from xti.models import load_text_encoder
+
+    family = ef.model_family
+    out: dict[str, Any] = {}
+    for spec in family.specs:
+        keys = [k for layer in ef.layers if (k := family.file_key(spec.name, layer)) in ef.vectors]
+        keys += [k for k in ef.vectors if k not in keys and k.startswith(f"{spec.name}.")]
+        tokenizer, text_encoder = load_text_encoder(model, spec)
+        weight = text_encoder.get_input_embeddings().weight.detach().float()
+        width = weight.shape[-1]
+        file_width = ef.vectors[keys[0]].shape[-1]
+        if file_width != width:
+            raise XTIError(
+                f"{where}: its {spec.name} vectors are {file_width} wide but the "
+                f"{spec.text_encoder} of {model} takes {width}-wide token embeddings"
+            )
+        special = [i for i in tokenizer.all_special_ids if 0 <= i < weight.shape[0]]
+        kde = KDERegularizer.from_embedding(weight, special, bandwidth=1.0)
+        k = max(1, min(int(top_k), kde.n))
+        for key in keys:
+            _, idx = kde.nearest(ef.vectors[key].float(), k=k)
+            out[key] = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in idx]
+    return out
+
+
+def _save_safetensors(
+    path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> Path:
+    from safetensors.torch import save
+
+    data = save(
+        {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()},
+        metadata=dict(metadata) if metadata else None,
+    )
+    target = Path(path)
+    atomic_write_bytes(target, data)
+    return target
+
+
+def _default_output(source: Path, suffix: str) -> Path:
+    name = source.name
+    for ext in (".xti.safetensors", ".safetensors", ".pt", ".bin", ".pth", ".ckpt"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return source.with_name(f"{name}{suffix}")
+
+
+def _check_output(source: Path, out: Path) -> None:
+    check_output_file(out, "--output")
+    if out.resolve() == source.resolve():
+        raise XTIError(f"{out}: the output would overwrite the input file; pass another --output")
+
+
+def kohya_keys(ef: EmbeddingFile) -> dict[str, str] | None:
+    """For each of the 16 kohya names, the file's key that holds it, when the file's layers map one
+    to one onto them: SD 1.x/2.x block layers, or transformer layers (``IN01.0``) of a UNet with
+    one transformer block per layer. None otherwise."""
+    if ef.model_family.specs != SD1.specs:
+        return None
+    if sorted(ef.layers) == sorted(SD1_LAYER_NAMES):
+        return {name: ef.model_family.file_key("text", name) for name in SD1_LAYER_NAMES}
+    if sorted(ef.layers) == sorted(f"{name}.0" for name in SD1_LAYER_NAMES):
+        return {name: ef.model_family.file_key("text", f"{name}.0") for name in SD1_LAYER_NAMES}
+    return None
+
+
+def export_kohya(
+    path: PathLike, output: PathLike | None = None, *, allow_pickle: bool = False
+) -> Path:
+    """Write the 16-key layout kohya's sd-scripts read (``IN01`` ... ``OUT11``, no metadata) from
+    any file whose layers map one to one onto them (`kohya_keys`).
+
+    Default output: ``<name>.kohya.safetensors`` beside the input.
+    """
+    source = Path(path)
+    ef = load_embedding_file(source, allow_pickle=allow_pickle)
+    keys = kohya_keys(ef)
+    if keys is None:
+        raise XTIError(
+            f"{source}: kohya's XTI files hold the 16 SD 1.x/2.x layers "
+            f"({_names(SD1_LAYER_NAMES)}); this file has {_names(list(ef.vectors))}"
+        )
+    out = Path(output) if output is not None else _default_output(source, ".kohya.safetensors")
+    _check_output(source, out)
+    return _save_safetensors(out, {k: ef.vectors[keys[k]] for k in SD1_LAYER_NAMES}, None)
+
+
+def export_ti(
+    path: PathLike,
+    output: PathLike | None = None,
+    *,
+    layer: str | None = None,
+    mean: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """Write a plain textual-inversion file from one layer or the mean over layers (lossy).
+
+    SD 1.x/2.x: ``{"emb_params": [n, d]}`` (A1111, ComfyUI, diffusers ``load_textual_inversion``);
+    SDXL: ``{"clip_l": ..., "clip_g": ...}``. Default output beside the input:
+    ``<name>-<LAYER|mean>.ti.safetensors``.
+    """
+    source = Path(path)
+    ef = load_embedding_file(source, allow_pickle=allow_pickle)
+    vectors = to_ti_vectors(ef, layer=layer, mean=mean)
+    which = layer if layer is not None else "mean"
+    out = (
+        Path(output) if output is not None else _default_output(source, f"-{which}.ti.safetensors")
+    )
+    _check_output(source, out)
+    meta = {"xti.exported_from": source.name, "xti.export": "mean" if mean else f"layer {layer}"}
+    if "xti.placeholder" in ef.metadata:
+        meta["xti.placeholder"] = ef.metadata["xti.placeholder"]
+    return _save_safetensors(out, vectors, meta)
+
+
+def _names(names: Sequence[str], limit: int = _MAX_KEYS_SHOWN) -> str:
+    """Names for a message: all of them, or the first and last few of a long list."""
+    names = list(names)
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:8])}, ... {', '.join(names[-4:])} ({len(names)} layers)"

@@ -69,7 +69,7 @@ def default_folder() -> Path:
     override = os.environ.get("XTI_LATENT_CACHE")
     if override:
         return Path(override).expanduser()
-    from xti.builders import cache_dir
+    from xti.paths import cache_dir
 
     return cache_dir() / "latents"
 

@@ -1,8 +1,10 @@
-"""Model loading: turn a `ModelConfig` into a typed `ModelBundle` of frozen SD 1.x/2.x components.
+"""Model loading: turn a `ModelConfig` into a typed `ModelBundle` of frozen SD 1.x/2.x or SDXL
+components.
 
 This module owns where models come from (``builtin:`` names, local diffusers folders, single-file
-``.safetensors``/``.ckpt`` checkpoints, hub ids), the model family (sd1/sd2) and prediction type, the
-training noise scheduler, and the one-line `XTIError` messages for every way a model path can be wrong.
+``.safetensors``/``.ckpt`` checkpoints, hub ids), the prediction type, the training noise
+scheduler, and the one-line `XTIError` messages for every way a model path can be wrong. Which
+components a family has, and which family a model is, it asks `xti.families`.
 Local loads never touch the network. Components come back in fp32 on the CPU, in eval mode, with the
 text encoder, UNet and VAE frozen; moving them to a device or a dtype is the trainer's job.
 """
@@ -23,13 +25,22 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from xti.builders import BUILTIN_PREFIX, resolve_builtin
 from xti.config import ModelConfig
+from xti.demo.builders import BUILTIN_PREFIX, resolve_builtin
 from xti.errors import XTIError
+from xti.families import (
+    SD1,
+    SDXL,
+    EncoderPart,
+    EncoderSpec,
+    ModelFamily,
+    detect,
+    resolve,
+    specs_of_index,
+)
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd1", "sd2", "sdxl"]
 PredictionType = Literal["epsilon", "v_prediction"]
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -48,14 +59,13 @@ class ModelBundle:
     """The frozen components one training run needs, plus what they are.
 
     Attributes:
-        tokenizer: The model's CLIP tokenizer (callers add placeholder tokens to it).
+        tokenizer: The model's (first) CLIP tokenizer (callers add placeholder tokens to it).
         text_encoder: CLIP text model, fp32, eval, frozen.
         unet: Denoising UNet, fp32, eval, frozen.
         vae: Autoencoder, fp32, eval, frozen.
         noise_scheduler: Training scheduler built from the model's scheduler config (keeps
             prediction_type, rescale_betas_zero_snr, timestep spacing and the beta schedule).
-        family: ``sd1`` (768-wide CLIP-L conditioning), ``sd2`` (1024-wide OpenCLIP-H) or
-            ``sdxl`` (two text encoders, text_time added conditioning).
+        family: The `xti.families.ModelFamily` (``family.name``: sd1, sd2 or sdxl).
         prediction_type: What the UNet predicts: ``epsilon`` or ``v_prediction``.
         source: What was loaded (the configured path or hub id), for metadata.
         tokenizer_2: SDXL's second tokenizer (None for SD 1.x/2.x).
@@ -67,64 +77,21 @@ class ModelBundle:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
-    family: Family
+    family: ModelFamily
     prediction_type: PredictionType
     source: str
     tokenizer_2: CLIPTokenizer | None = None
     text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @property
-    def text_encoders(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel]]:
-        """``(name, tokenizer, text encoder)`` per encoder: ``text`` for SD 1.x/2.x, ``clip_l`` and
-        ``clip_g`` for SDXL (the names of the embedding file's keys, DESIGN §6)."""
-        if self.text_encoder_2 is None:
-            return [("text", self.tokenizer, self.text_encoder)]
-        return [
-            ("clip_l", self.tokenizer, self.text_encoder),
-            ("clip_g", self.tokenizer_2, self.text_encoder_2),
-        ]
+    def text_encoders(self) -> list[EncoderPart]:
+        """The family's text encoders with this model's components (DESIGN §6 names)."""
+        return self.family.encoders(self)
 
 
 # --------------------------------------------------------------------------------------------------
-# Family and scheduler
+# Scheduler
 # --------------------------------------------------------------------------------------------------
-
-
-def _cross_attention_dim(unet: Any) -> int | None:
-    dim = getattr(unet.config, "cross_attention_dim", None)
-    if isinstance(dim, (list, tuple)):
-        dims = set(dim)
-        dim = dim[0] if len(dims) == 1 else None
-    return dim
-
-
-def detect_family(text_encoder: Any | None, unet: Any | None) -> Family:
-    """Tell SD 1.x, SD 2.x and SDXL apart.
-
-    A UNet with ``text_time`` added conditioning is ``sdxl``. Otherwise a conditioning width of 1024
-    (OpenCLIP-H) means ``sd2``; 768 (CLIP-L) and anything else (tiny test models) mean ``sd1``,
-    whose layer layout is the same.
-
-    Args:
-        text_encoder: A CLIPTextModel (or anything with ``config.hidden_size``), or None.
-        unet: A UNet2DConditionModel (or anything with ``config.cross_attention_dim``), or None.
-
-    Raises:
-        XTIError: When the text encoder width does not match the UNet's cross-attention width.
-    """
-    if unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    text_dim = (
-        getattr(text_encoder.config, "hidden_size", None) if text_encoder is not None else None
-    )
-    unet_dim = _cross_attention_dim(unet) if unet is not None else None
-    if text_dim is not None and unet_dim is not None and text_dim != unet_dim:
-        raise XTIError(
-            f"text encoder width {text_dim} does not match the UNet cross_attention_dim {unet_dim}: "
-            "the components come from different models"
-        )
-    dim = unet_dim if unet_dim is not None else text_dim
-    return "sd2" if dim == 1024 else "sd1"
 
 
 def training_scheduler(config: dict[str, Any]) -> DDPMScheduler:
@@ -198,18 +165,11 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
 
 
 def _finish(
-    tokenizer: CLIPTokenizer,
-    text_encoder: CLIPTextModel,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    scheduler_config: dict[str, Any],
-    cfg: ModelConfig,
-    source: str,
-    tokenizer_2: CLIPTokenizer | None = None,
-    text_encoder_2: CLIPTextModelWithProjection | None = None,
+    parts: dict[str, Any], scheduler_config: dict[str, Any], cfg: ModelConfig, source: str
 ) -> ModelBundle:
-    for model in (text_encoder, unet, vae, text_encoder_2):
-        if model is None:
+    """Freeze the components (fp32, CPU, eval), detect the family and build the bundle."""
+    for model in parts.values():
+        if not isinstance(model, torch.nn.Module):
             continue
         if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
             model.to(device="cpu", dtype=torch.float32)
@@ -217,54 +177,50 @@ def _finish(
         model.requires_grad_(False)
     noise_scheduler = _load(source, "scheduler", lambda: training_scheduler(scheduler_config))
     try:
-        detected = detect_family(text_encoder, unet)
+        detected = detect(parts["unet"], parts["text_encoder"])
     except XTIError as err:
         raise XTIError(f"{source}: {err}") from None
-    family: Family = detected if cfg.family == "auto" else cfg.family
-    if family != detected:
-        logger.warning(
-            "%s: model.family=%s although the model looks like %s", source, family, detected
-        )
     return ModelBundle(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        vae=vae,
+        **parts,
         noise_scheduler=noise_scheduler,
-        family=family,
+        family=resolve(cfg.family, detected, source),
         prediction_type=_prediction_type(noise_scheduler, source),
         source=source,
-        tokenizer_2=tokenizer_2,
-        text_encoder_2=text_encoder_2,
     )
 
 
 def _load_components(
     location: str, cfg: ModelConfig, source: str, *, local: bool, revision: str | None
 ) -> ModelBundle:
-    """Load the five components from a diffusers folder or hub repository."""
+    """Load the components from a diffusers folder or hub repository: the UNet, the VAE, and the
+    tokenizers and text encoders its family has (`xti.families.specs_of_index`)."""
     common: dict[str, Any] = {"local_files_only": local}
     if revision is not None:
         common["revision"] = revision
     weights: dict[str, Any] = dict(common)
     if cfg.variant:
         weights["variant"] = cfg.variant
-    tokenizer = _load(
-        source,
-        "tokenizer/",
-        lambda: CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **common),
-    )
-    text_encoder = _load(
-        source,
-        "text_encoder/",
-        lambda: CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
-    )
-    unet = _load(
+    parts: dict[str, Any] = {}
+    for spec in _encoder_specs(location, common):
+        encoder_class = CLIPTextModelWithProjection if spec.projection else CLIPTextModel
+        parts[spec.tokenizer] = _load(
+            source,
+            f"{spec.tokenizer}/",
+            lambda s=spec: CLIPTokenizer.from_pretrained(location, subfolder=s.tokenizer, **common),
+        )
+        parts[spec.text_encoder] = _load(
+            source,
+            f"{spec.text_encoder}/",
+            lambda s=spec, c=encoder_class: c.from_pretrained(
+                location, subfolder=s.text_encoder, **weights
+            ),
+        )
+    parts["unet"] = _load(
         source,
         "unet/",
         lambda: UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights),
     )
-    vae = _load(
+    parts["vae"] = _load(
         source, "vae/", lambda: AutoencoderKL.from_pretrained(location, subfolder="vae", **weights)
     )
     scheduler_config = _load(
@@ -272,49 +228,21 @@ def _load_components(
         "scheduler/",
         lambda: DDPMScheduler.load_config(location, subfolder="scheduler", **common),
     )
-    tokenizer_2 = text_encoder_2 = None
-    if _is_sdxl_layout(location, common):
-        tokenizer_2 = _load(
-            source,
-            "tokenizer_2/",
-            lambda: CLIPTokenizer.from_pretrained(location, subfolder="tokenizer_2", **common),
-        )
-        text_encoder_2 = _load(
-            source,
-            "text_encoder_2/",
-            lambda: CLIPTextModelWithProjection.from_pretrained(
-                location, subfolder="text_encoder_2", **weights
-            ),
-        )
-    return _finish(
-        tokenizer,
-        text_encoder,
-        unet,
-        vae,
-        scheduler_config,
-        cfg,
-        source,
-        tokenizer_2,
-        text_encoder_2,
-    )
+    return _finish(parts, scheduler_config, cfg, source)
 
 
-def _is_sdxl_layout(location: str, common: dict[str, Any]) -> bool:
-    """Whether a diffusers folder or repo has SDXL's second text encoder (from model_index.json)."""
+def _encoder_specs(location: str, common: dict[str, Any]) -> tuple[EncoderSpec, ...]:
+    """The text encoders a diffusers folder or repo holds (from its model_index.json)."""
     folder = Path(location)
     if folder.is_dir():
         index_file = folder / "model_index.json"
-        if not index_file.is_file():
-            return (folder / "text_encoder_2").is_dir()
-        index = _read_json(index_file)
-    else:
-        from diffusers import DiffusionPipeline
+        return specs_of_index(_read_json(index_file) if index_file.is_file() else None, folder)
+    from diffusers import DiffusionPipeline
 
-        index = _load(
-            location, "model_index.json", lambda: DiffusionPipeline.load_config(location, **common)
-        )
-    entry = index.get("text_encoder_2")
-    return isinstance(entry, (list, tuple)) and entry[0] is not None
+    index = _load(
+        location, "model_index.json", lambda: DiffusionPipeline.load_config(location, **common)
+    )
+    return specs_of_index(index)
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -331,9 +259,10 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _check_folder(folder: Path, shown: str) -> None:
-    needed = COMPONENTS + (
-        ("tokenizer_2", "text_encoder_2") if _is_sdxl_layout(str(folder), {}) else ()
-    )
+    specs = _encoder_specs(str(folder), {})
+    needed = list(COMPONENTS) + [
+        n for s in specs for n in (s.tokenizer, s.text_encoder) if n not in COMPONENTS
+    ]
     missing = [c for c in needed if not (folder / c).is_dir()]
     if missing:
         names = ", ".join(f"{m}/" for m in missing)
@@ -381,11 +310,12 @@ def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
                 "(give a local diffusers folder)"
             )
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    sdxl = local_config and _is_sdxl_layout(str(config), {})
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    # the family of the config folder's layout (SD 1.x/2.x without one)
+    family = (
+        SD1 if not local_config else SDXL if _encoder_specs(str(config), {}) == SDXL.specs else SD1
+    )
+    pipeline_class = family.pipeline_type()
+    extra = family.pipeline_extra()
     # With local_files_only=True and no config, diffusers would fall back to downloading; a local
     # config folder keeps the whole load offline.
     pipe = _load(
@@ -398,17 +328,9 @@ def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
             **extra,
         ),
     )
-    return _finish(
-        pipe.tokenizer,
-        pipe.text_encoder,
-        pipe.unet,
-        pipe.vae,
-        dict(pipe.scheduler.config),
-        cfg,
-        str(file),
-        getattr(pipe, "tokenizer_2", None),
-        getattr(pipe, "text_encoder_2", None),
-    )
+    names = ["unet", "vae"] + [n for s in family.specs for n in (s.tokenizer, s.text_encoder)]
+    parts = {n: getattr(pipe, n) for n in names}
+    return _finish(parts, dict(pipe.scheduler.config), cfg, str(file))
 
 
 def load_model(cfg: ModelConfig) -> ModelBundle:
@@ -479,3 +401,27 @@ def load_unet_structure(path: str) -> UNet2DConditionModel:
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
+
+
+def load_text_encoder(model: str, spec: EncoderSpec) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """One tokenizer and text encoder of a model (a folder, a ``builtin:`` name or a hub id), in
+    eval mode: enough for questions about its vocabulary (`xti inspect --model`)."""
+    path = model.strip()
+    if path.startswith(BUILTIN_PREFIX):
+        location = str(resolve_builtin(path))
+    elif Path(path).expanduser().is_dir():
+        location = str(Path(path).expanduser())
+    elif looks_like_hub_id(path):
+        location = path
+    else:
+        raise XTIError(f"model {path} does not exist (give a diffusers folder or a hub id)")
+    cls = CLIPTextModelWithProjection if spec.projection else CLIPTextModel
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder=spec.tokenizer)
+        text_encoder = cls.from_pretrained(location, subfolder=spec.text_encoder)
+    except Exception as err:  # any loader failure becomes one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise XTIError(
+            f"{path}: cannot load its {spec.tokenizer}/{spec.text_encoder} ({first})"
+        ) from None
+    return tokenizer, text_encoder.eval()

@@ -1,4 +1,5 @@
-"""Paths the user names for us to write to: file names, output folders, output files.
+"""Paths: xti's cache folder, and the paths the user names for us to write to (file names, output
+folders, output files).
 
 Every check here runs before anything is loaded or written and fails with one line (`XTIError`)
 naming the setting and what to do: a name that is not a plain file name (``../x``, ``/abs``,
@@ -12,7 +13,12 @@ from pathlib import Path
 
 from xti.errors import XTIError
 
-__all__ = ["check_file_name", "check_output_dir", "check_output_file"]
+__all__ = ["cache_dir", "check_file_name", "check_output_dir", "check_output_file"]
+
+
+def cache_dir() -> Path:
+    """The xti cache folder (built models, latents): ``$XTI_CACHE`` or ``~/.cache/xti``."""
+    return Path(os.environ.get("XTI_CACHE") or Path.home() / ".cache" / "xti").expanduser()
 
 
 def file_name_problem(name: str) -> str | None:

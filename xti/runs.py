@@ -47,6 +47,7 @@ import torch
 
 from xti.errors import XTIError
 from xti.export import atomic_tmp_pattern
+from xti.families import named
 from xti.paths import check_output_dir
 
 try:  # POSIX; elsewhere the folder is not locked
@@ -99,8 +100,8 @@ def model_identity(bundle: Any) -> dict[str, Any]:
     """
     h = hashlib.blake2b(digest_size=12)
     vocab: dict[str, int] = {}
-    for name, _, te in bundle.text_encoders:
-        table = te.get_input_embeddings().weight
+    for part in bundle.text_encoders:
+        name, table = part.name, part.text_encoder.get_input_embeddings().weight
         vocab[name] = int(table.shape[0])
         h.update(f"{name}:{tuple(table.shape)}".encode())
         h.update(_tensor_bytes(table[:: max(1, table.shape[0] // 4096)]))
@@ -111,7 +112,7 @@ def model_identity(bundle: Any) -> dict[str, Any]:
             h.update(f"{part}:{tuple(weight.shape)}".encode())
             h.update(_tensor_bytes(weight))
     return {
-        "model.family": bundle.family,
+        "model.family": bundle.family.name,
         "model.weights": h.hexdigest(),
         "model.vocab_size": vocab,
     }
@@ -137,7 +138,7 @@ def run_fingerprint(cfg: Any, identity: dict[str, Any], *, world: int) -> dict[s
         "train.lr_scheduler": tc.lr_scheduler,
         "train.lr_warmup_steps": tc.lr_warmup_steps,
     }
-    if identity.get("model.family") == "sdxl":
+    if named(identity["model.family"]).has_pool_slot:
         fp["xti.pooled"] = cfg.xti.pooled
     if tc.lr_scheduler in DECAYING_SCHEDULES:
         fp["train.max_steps"] = tc.max_steps

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from xti.errors import XTIError
+from xti.families import named
 
 logger = logging.getLogger("xti")
 
@@ -69,27 +70,6 @@ class Smoother:
         self.count += 1
         self.value = self.beta * self.value + (1 - self.beta) * x
         return self.value / (1 - self.beta**self.count)
-
-
-def image_grid(
-    images: list[Image.Image], rows: int, labels: list[str] | None = None
-) -> Image.Image:
-    """Tile equally sized images into ``rows`` rows; optional row labels are drawn on the left."""
-    if not images:
-        raise ValueError("no images to tile")
-    cols = -(-len(images) // rows)
-    w, h = images[0].size
-    pad = 0
-    if labels:
-        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        pad = int(max(measure.textlength(s) for s in labels)) + 12
-    grid = Image.new("RGB", (pad + cols * w, rows * h), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((w, h)), (pad + (i % cols) * w, (i // cols) * h))
-    for r, text in enumerate(labels or []):
-        draw.text((4, r * h + 2), text, fill="black")
-    return grid
 
 
 def log_images(accelerator, key: str, grid: Image.Image, caption: str, step: int) -> None:
@@ -178,7 +158,7 @@ def write_model_card(
         if c["data"].get("template") == "style"
         else f"a photo of {placeholder}"
     )
-    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    pipeline = named(family).pipeline_class
     res = c["train"]["resolution"]
     load_lines = _pipeline_source(base_model, pipeline)
     lines += [
@@ -230,7 +210,7 @@ def _pipeline_source(base_model: str, pipeline: str) -> list[str]:
     (a builtin model, a single file, or a folder / hub id)."""
     if base_model.startswith("builtin:"):
         return [
-            "from xti.builders import resolve_builtin",
+            "from xti.demo.builders import resolve_builtin",
             f"pipe = {pipeline}.from_pretrained(resolve_builtin({json.dumps(base_model)}))",
         ]
     if base_model.lower().endswith((".safetensors", ".ckpt")):
@@ -369,97 +349,3 @@ def read_wandb_offline_run(run_dir: str | Path) -> WandbRun:
         else []
     )
     return run
-
-
-# ----------------------------------------------------------------------------- validation samples
-
-DEFAULT_VALIDATION_PROMPTS = {
-    "object": ["a photo of {}", "a {} on a table", "a close-up photo of {}"],
-    "style": [
-        "a painting in the style of {}",
-        "a house in the style of {}",
-        "a cat in the style of {}",
-    ],
-}
-
-
-@dataclass
-class ValidationGrid:
-    """Validation samples of one step: the grid, its caption and the row labels."""
-
-    grid: Image.Image
-    caption: str
-    rows: list[str]
-
-
-def validation_grid(
-    pipe: Any,
-    concept: Any,
-    placeholder: str,
-    prompts: list[str],
-    *,
-    seeds: list[int],
-    negative_prompt: str,
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
-    mix_with: Any | None = None,
-    mix_layers: str = "coarse",
-    granularity: str = "block",
-    min_cell: int = 96,
-) -> ValidationGrid:
-    """Generate one image per (prompt, seed) with the concept, plus a style-mixing row.
-
-    The grid has one row per prompt (its text drawn on the left) and one column per seed; samples
-    smaller than `min_cell` pixels are enlarged by a whole factor (nearest neighbour), so that a
-    32-pixel demo model's samples can be looked at.
-
-    Args:
-        pipe: a stock Stable Diffusion pipeline built from the training components (no xti
-            processors or concept embeddings installed while this runs).
-        concept: the current vectors as an `xti.export.EmbeddingFile`.
-        placeholder: the concept's placeholder.
-        prompts: prompts containing the placeholder.
-        seeds: one sample per seed; ``torch.Generator`` per sample, so samples are reproducible.
-        mix_with: a second concept's `EmbeddingFile`: adds a row where ``mix_layers`` take this
-            concept and the other layers take the second one.
-    """
-    import torch
-
-    from xti.inference import XTIAdapter
-
-    images, rows = [], []
-    with XTIAdapter(pipe, granularity=granularity) as xti:
-        xti.load(concept, placeholder)
-        other = None
-        if mix_with is not None:
-            other = "<xti-validation-mix>"
-            xti.load(mix_with, other)
-            other_name = mix_with.metadata.get("xti.placeholder") or "mix_with"
-        plan = [(p, None) for p in prompts]
-        if other is not None:
-            # later entries win: the other concept everywhere, then this one in mix_layers
-            plan.append((prompts[0], {other: "all", placeholder: mix_layers}))
-        for prompt, mix in plan:
-            rows.append(
-                prompt if mix is None else f"{prompt} [{mix_layers}: this, rest: {other_name}]"
-            )
-            for seed in seeds:
-                out = xti(
-                    prompt,
-                    negative_prompt=negative_prompt,
-                    mix=mix,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=torch.Generator("cpu").manual_seed(seed),
-                    height=resolution,
-                    width=resolution,
-                    output_type="pil",
-                )
-                images.append(out.images[0])
-    caption = " | ".join(f"row {i}: {r}" for i, r in enumerate(rows)) + f" | seeds {seeds}"
-    factor = -(-min_cell // min(images[0].size))
-    if factor > 1:
-        w, h = images[0].size
-        images = [im.resize((w * factor, h * factor), Image.NEAREST) for im in images]
-    return ValidationGrid(image_grid(images, rows=len(rows), labels=rows), caption, rows)

@@ -71,14 +71,13 @@ from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
 from xti.tracking import (
-    DEFAULT_VALIDATION_PROMPTS,
     Smoother,
     log_images,
     log_table,
     setup_tracking,
-    validation_grid,
     write_model_card,
 )
+from xti.validation import DEFAULT_VALIDATION_PROMPTS, validation_grid
 
 logger = logging.getLogger("xti")
 

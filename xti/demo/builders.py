@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from xti.errors import XTIError
+from xti.paths import cache_dir
 from xti.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -549,11 +550,6 @@ BUILTINS: dict[str, dict[str, Any]] = {
 
 BUILTIN_FORMAT = 1
 """Bumped when the tiny model changes, so stale cached folders are not reused."""
-
-
-def cache_dir() -> Path:
-    """The xti cache folder: ``$XTI_CACHE`` or ``~/.cache/xti``."""
-    return Path(os.environ.get("XTI_CACHE") or Path.home() / ".cache" / "xti").expanduser()
 
 
 def resolve_builtin(path: str) -> Path | None:

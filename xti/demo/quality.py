@@ -4,7 +4,7 @@ This module owns the three probes of `bench/quality.py` and their scores:
 
 - **reconstruction**: the training captions ("a <A> on a white background") should give back the
   training images: their shape, colour, the prompted background and, for the giant objects, their
-  size class (read with `xti.procedural.measure`), and a small pixel distance to the nearest
+  size class (read with `xti.demo.procedural.measure`), and a small pixel distance to the nearest
   training image with that background (patterns are left to the distance: the demo model does not
   draw them reliably enough at 32 px for `measure` to read them back, even from plain words);
 - **editability**: "a blue <A> on a white background" should come out blue, and still be A's shape;
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from xti import procedural as P
+from xti.demo import procedural as P
 
 EDIT_COLOURS: tuple[str, ...] = ("blue", "red", "green", "purple")
 """Colours asked for by the editability probe (named in pretraining, none of them the concept's)."""
@@ -57,7 +57,7 @@ DEMO_CONFIGS: dict[str, str] = {
     "giant-striped-triangle": "configs/demo-giant-striped-triangle.yaml",
     "teal-dotted": "configs/demo-style.yaml",
 }
-"""The training config of each demo concept (`xti.procedural.DEMO_CONCEPTS`), relative to the repo."""
+"""The training config of each demo concept (`xti.demo.procedural.DEMO_CONCEPTS`), relative to the repo."""
 
 SCORES: dict[str, str] = {
     "recon shape": "reconstruction.shape",
@@ -80,7 +80,7 @@ class Probe:
     """One prompt and what every image sampled from it should show.
 
     `kind` is ``reconstruction``, ``editability``, ``mixing`` or ``control``; `expect` maps
-    attributes of `xti.procedural.Measurement` (shape, colour, background) to the expected value; `mix`
+    attributes of `xti.demo.procedural.Measurement` (shape, colour, background) to the expected value; `mix`
     and `layer_prompts` are passed to `xti.inference.XTIAdapter` (None: not used); `references` are
     the images whose nearest one gives the pixel distance (empty: no distance).
     """
@@ -119,7 +119,7 @@ class Concept:
 
 
 def load_concept(folder: str | Path, subject: str | None = None) -> Concept:
-    """A demo-concept folder (``labels.json`` + images, see `xti.procedural.write_demo_concepts`);
+    """A demo-concept folder (``labels.json`` + images, see `xti.demo.procedural.write_demo_concepts`);
     `subject` defaults to the placeholder ``<concept name>``."""
     folder = Path(folder)
     meta = json.loads((folder / "labels.json").read_text())
@@ -145,7 +145,7 @@ def demo_probes(
     with a style concept `style` (colour constant), the mixing probes.
 
     Reconstruction expects the shape, colour and background, and, for an object whose images are
-    all of a size pretraining never drew (`xti.procedural.Label.size_class`, e.g. ``giant``), that
+    all of a size pretraining never drew (`xti.demo.procedural.Label.size_class`, e.g. ``giant``), that
     size class too: words cannot ask for it, so it is what shows whether the size was learned.
 
     `obj.subject` and `style.subject` must be placeholders for mixing to mean anything; with a plain
@@ -204,7 +204,7 @@ def style_probes(
       per distinct (shape, background) of its images: that shape, the style's colour, that
       background; references: the training images with that shape and background;
     - editability: ``"a <teal-dotted> cross on a white background"`` for every shape in
-      `edit_shapes` (default: the `xti.procedural.SHAPES` it was never shown): that shape, still in
+      `edit_shapes` (default: the `xti.demo.procedural.SHAPES` it was never shown): that shape, still in
       the style's colour (the ``colour`` score is the style kept, the ``shape`` score the edit obeyed).
     """
     colour = style.constant("colour")

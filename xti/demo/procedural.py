@@ -741,7 +741,7 @@ def write_demo_concepts(folder: str, n: int = 6) -> list[str]:
             "concept": name,
             "kind": spec["kind"],
             "description": spec["description"],
-            "generator": "xti.procedural.demo_concept",
+            "generator": "xti.demo.procedural.demo_concept",
             "seed": spec["seed"],
             "images": entries,
         }
@@ -755,7 +755,7 @@ def write_demo_concepts(folder: str, n: int = 6) -> list[str]:
     return written
 
 
-if __name__ == "__main__":  # python -m xti.procedural data/demo-concepts
+if __name__ == "__main__":  # python -m xti.demo.procedural data/demo-concepts
     import sys
 
     for path in write_demo_concepts(sys.argv[1] if len(sys.argv) > 1 else "data/demo-concepts"):
