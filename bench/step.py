@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from xti.embeddings import (
     layer_variants,
     tokenize,
 )
+from xti.families import detect
 from xti.layers import layer_scheme
 from xti.tokenizer import build_clip_tokenizer
 from xti.training import Batch, StepModels, compute_loss
@@ -94,34 +96,31 @@ def main() -> None:
     t_load = time.perf_counter()
     parts, size = load(args.model)
     size = args.latent_size or size
-    sdxl = "text_encoder_2" in parts
+    family = detect(parts["unet"], parts["text_encoder"])
+    encoders = family.encoders(SimpleNamespace(**parts))
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.mixed_precision
     ]
     device = torch.device(args.device)
     unet, scheduler = parts["unet"], parts["scheduler"]
-    encoders = [("text_encoder", "tokenizer")] + (
-        [("text_encoder_2", "tokenizer_2")] if sdxl else []
-    )
-    for m in [unet] + [parts[te] for te, _ in encoders]:
+    for m in [unet] + [e.text_encoder for e in encoders]:
         m.requires_grad_(False).eval().to(device)
         if dtype != torch.float32:
             m.to(dtype=dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    print(f"built {args.model} in {time.perf_counter() - t_load:.1f} s; batch {args.batch}, latents {size}x{size}, "
+    print(f"built {args.model} ({family.name}) in {time.perf_counter() - t_load:.1f} s; batch {args.batch}, latents {size}x{size}, "
           f"{args.mixed_precision}, device {device}, threads {torch.get_num_threads()}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")  # fmt: skip
 
     scheme = layer_scheme(unet)
     g = torch.Generator().manual_seed(0)
     tokens, ids, dims = {}, {}, {}
-    for te, tok in encoders:
-        tokens[te] = add_placeholder_tokens(parts[tok], "<bench>", 1)
-        ids[te] = tokenize(parts[tok], [tokens[te].expand("a photo of a <bench>")] * args.batch).to(
-            device
-        )
-        dims[te] = parts[te].get_input_embeddings().weight.shape[1]
+    for e in encoders:
+        tokens[e.name] = add_placeholder_tokens(e.tokenizer, "<bench>", 1)
+        prompts = [tokens[e.name].expand("a photo of a <bench>")] * args.batch
+        ids[e.name] = tokenize(e.tokenizer, prompts).to(device)
+        dims[e.name] = e.text_encoder.get_input_embeddings().weight.shape[1]
     time_ids = torch.tensor([[size * 8.0, size * 8.0, 0.0, 0.0, size * 8.0, size * 8.0]]).repeat(
         args.batch, 1
     )
@@ -129,10 +128,9 @@ def main() -> None:
         latents=torch.randn(args.batch, 4, size, size, generator=g),
         noise=torch.randn(args.batch, 4, size, size, generator=g),
         timesteps=torch.randint(0, 1000, (args.batch,), generator=g),
-        input_ids=ids["text_encoder"],
+        ids=ids,
         image_ids=torch.zeros(args.batch, dtype=torch.long),
-        input_ids_2=ids.get("text_encoder_2"),
-        time_ids=time_ids if sdxl else None,
+        time_ids=time_ids if family.uses_time_ids else None,
     ).to(device)
     calls = []
     te_time = {"forward": 0.0, "grad_at": None}
@@ -157,9 +155,9 @@ def main() -> None:
                 if isinstance(x, torch.Tensor) and x.requires_grad:
                     x.register_hook(first_grad)
 
-    for te, _ in encoders:
-        parts[te].register_forward_pre_hook(te_pre)
-        parts[te].register_forward_hook(te_post)
+    for e in encoders:
+        e.text_encoder.register_forward_pre_hook(te_pre)
+        e.text_encoder.register_forward_hook(te_post)
     stock_processors = dict(unet.attn_processors)
     install_processors(unet, scheme)
     xti_processors = dict(unet.attn_processors)
@@ -168,10 +166,11 @@ def main() -> None:
     for granularity in ("block", "shared"):
         variants = 1 if granularity == "shared" else len(scheme)
         sets = {
-            te: ConceptVectors(
-                torch.randn(1, dims[te], generator=g) * 0.01, variants + (i == 1)
+            e.name: ConceptVectors(
+                torch.randn(1, dims[e.name], generator=g) * 0.01,
+                family.vector_sets(e.name, variants, "slot"),
             ).to(device)
-            for i, (te, _) in enumerate(encoders)
+            for e in encoders
         }
         params = [p for s in sets.values() for p in s.parameters()]
         modes[granularity] = (sets, torch.optim.AdamW(params, lr=1e-3), variants)
@@ -184,12 +183,12 @@ def main() -> None:
         """Step time, text-encoder calls, text-encoder time (forward + backward) of one step."""
         sets, opt, variants = modes[granularity]
         handles = [
-            install_token_embedding(parts[te], tokens[te].first_id, sets[te]) for te, _ in encoders
+            install_token_embedding(e.text_encoder, tokens[e.name].first_id, sets[e.name])
+            for e in encoders
         ]
         m = StepModels(
-            unet, parts["text_encoder"], scheduler, tokens["text_encoder"],
+            family, encoders, unet, scheduler, tokens,
             layer_variants(len(scheme), granularity).to(device), variants, "epsilon", dtype,
-            text_encoder_2=parts.get("text_encoder_2"), tokens_2=tokens.get("text_encoder_2"),
         )  # fmt: skip
         calls.clear()
         te_time.update(forward=0.0, grad_at=None)
@@ -213,12 +212,12 @@ def main() -> None:
         unet.set_attn_processor(dict(stock_processors))
         ctx = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=g)
         ctx = ctx.to(device, dtype).requires_grad_(True)
-        added = None
-        if sdxl:
-            pooled = torch.randn(
-                args.batch, parts["text_encoder_2"].config.projection_dim, generator=g
-            )
-            added = {"text_embeds": pooled.to(device, dtype), "time_ids": batch.time_ids.to(dtype)}
+        pooled = None  # random pooled embeds of the projecting encoder's width (SDXL's)
+        for e, spec in zip(encoders, family.specs, strict=True):
+            if spec.projection:
+                width = e.text_encoder.config.projection_dim
+                pooled = torch.randn(args.batch, width, generator=g).to(device)
+        added = family.added_cond(pooled, batch.time_ids, dtype)
         sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -1,4 +1,4 @@
-"""Shared test setup: offline hubs, quiet logs, few threads, the tiny model built once, and an empty
+"""Shared test setup: offline hubs, quiet logs, few threads, the tiny models built once, and an empty
 latent disk cache per test."""
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ def tiny_model(tmp_path_factory) -> Path:
     from xti.demo.builders import build_tiny_sd1
 
     return build_tiny_sd1(tmp_path_factory.mktemp("model") / "tiny-sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL diffusers folder (11 layers, two text encoders 32 and 48 wide, both configured
+    with the true eos id 49407), built once per test session."""
+    from xti.demo.builders import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("model-sdxl") / "tiny-sdxl", seed=0)
 
 
 @pytest.fixture(scope="session", autouse=True)

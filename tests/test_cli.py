@@ -69,3 +69,22 @@ def test_train_mixed_precision_no_from_the_command_line_and_from_yaml(tiny_model
         assert main([*args, *common, *extra]) == 0, capsys.readouterr().err
         summary = json.loads((out / "summary.json").read_text())
         assert summary["mixed_precision"] == "no" and summary["steps"] == 1
+
+
+def test_train_with_a_family_that_contradicts_the_model_is_one_error_line(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("XTI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    args = ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--no-progress",
+            "model.path=builtin:tiny-sdxl", "model.family=sd1", f"output_dir={out}",
+            "train.max_steps=1"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    # stderr may also hold the progress bars of building and loading the model (transformers)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert "model.family=sd1" in errors[0] and "sdxl" in errors[0], errors
+    assert not out.exists(), "nothing may be written on bad input"

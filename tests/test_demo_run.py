@@ -21,7 +21,8 @@ from safetensors import safe_open
 
 from xti.config import load_config
 from xti.demo import quality as Q
-from xti.inference import XTIAdapter, load_pipeline
+from xti.inference import XTIAdapter
+from xti.pipelines import load_pipeline
 from xti.training import train
 
 REPO = Path(__file__).parents[1]

@@ -19,6 +19,7 @@ from xti.embeddings import (
     variant_ids,
 )
 from xti.errors import XTIError
+from xti.families import SD1, EncoderPart
 from xti.tokenizer import build_clip_tokenizer
 
 
@@ -95,13 +96,19 @@ def test_per_layer_contexts_equal_stock_textual_inversion_per_layer(text_encoder
     handle = install_token_embedding(text_encoder, pt.first_id, concept)
     try:
         with torch.no_grad():
-            contexts = encode_per_layer(
-                text_encoder, ids, pt, layer_variants(layers, "block"), layers
+            contexts, pooled = encode_per_layer(
+                SD1,
+                [EncoderPart("text", tok, text_encoder)],
+                {"text": ids},
+                {"text": pt},
+                layer_variants(layers, "block"),
+                layers,
             )
     finally:
         handle.remove()
         hook.remove()
     assert calls == [torch.Size([layers * 2, 77])], "one text-encoder call for all layers"
+    assert pooled is None
     assert contexts.shape == (layers, 2, 77, 32)
     for i in range(layers):
         expected = stock_encode(text_encoder, ids, pt.first_id, concept.vectors[i].detach())
@@ -118,7 +125,14 @@ def test_only_vectors_get_gradients_and_vocabulary_is_untouched(text_encoder):
     table_before = text_encoder.get_input_embeddings().weight.clone()
     handle = install_token_embedding(text_encoder, pt.first_id, concept)
     try:
-        contexts = encode_per_layer(text_encoder, ids, pt, layer_variants(4, "shared"), 1)
+        contexts, _ = encode_per_layer(
+            SD1,
+            [EncoderPart("text", tok, text_encoder)],
+            {"text": ids},
+            {"text": pt},
+            layer_variants(4, "shared"),
+            1,
+        )
         assert torch.equal(contexts[0], contexts[3])
         contexts.sum().backward()
     finally:

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import xti.export as export
+from xti.cli import main
 from xti.errors import XTIError
 from xti.export import (
     FORMAT_VERSION,
@@ -20,10 +21,13 @@ from xti.export import (
     EmbeddingFile,
     atomic_write_bytes,
     build_metadata,
+    export_kohya,
+    kohya_keys,
     load_embedding_file,
     save_embedding_file,
     to_ti_vectors,
 )
+from xti.families import SDXL
 
 SDXL_LAYERS = [
     "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05",
@@ -90,7 +94,7 @@ def test_sd1_round_trip(tmp_path: Path) -> None:
     assert ef.layers == SD1_LAYER_NAMES
     assert list(ef.vectors) == SD1_LAYER_NAMES
     assert ef.metadata == meta
-    assert ef.family == "sd1" and ef.n_vectors == 2 and not ef.is_sdxl
+    assert ef.family == "sd1" and ef.n_vectors == 2 and ef.model_family.name == "sd1"
     for name, t in vectors.items():
         got = ef.vectors[name]
         assert got.dtype == torch.float32 and got.shape == (2, 768)
@@ -182,7 +186,7 @@ def test_sdxl_round_trip(tmp_path: Path) -> None:
     vectors, meta = sdxl_file()
     path = save_embedding_file(tmp_path / "xl.xti.safetensors", vectors, meta)
     ef = load_embedding_file(path)
-    assert ef.kind == "xti" and ef.family == "sdxl" and ef.is_sdxl
+    assert ef.kind == "xti" and ef.family == "sdxl" and ef.model_family is SDXL
     assert ef.layers == SDXL_LAYERS
     expected_keys = [f"{e}.{n}" for n in SDXL_LAYERS for e in ("clip_l", "clip_g")] + [
         "clip_g.POOL"
@@ -437,3 +441,71 @@ def test_ti_file_matches_diffusers_loader(tmp_path: Path) -> None:
     assert tokens == ["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"]
     assert all(e.shape == (768,) for e in embeddings)
     assert torch.equal(torch.stack(embeddings), ti["emb_params"])
+
+
+# --------------------------------------------------------------------------- kohya export
+
+
+def transformer_file(path: Path, layers: list[str], seed: int = 11) -> dict[str, torch.Tensor]:
+    """An SD1 ``transformer``-granularity file (layer names like ``IN01.0``); its vectors."""
+    g = torch.Generator().manual_seed(seed)
+    vectors = {name: torch.randn(2, 32, generator=g) for name in layers}
+    meta = build_metadata(
+        layers=layers, granularity="transformer", placeholder="<t>", initializer="toy",
+        n_vectors=2, family="sd1", base_model="tiny", text_dims={"text": 32}, steps=1,
+        kde_weight=0.0,
+    )  # fmt: skip
+    save_embedding_file(path, vectors, meta)
+    return vectors
+
+
+def test_transformer_granularity_sd1_file_exports_to_kohya(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A UNet with one transformer block per layer has one transformer layer per kohya name:
+    ``IN01.0`` ... ``OUT11.0`` map one to one onto the 16 kohya keys."""
+    source = tmp_path / "t.xti.safetensors"
+    vectors = transformer_file(source, [f"{name}.0" for name in SD1_LAYER_NAMES])
+    assert kohya_keys(load_embedding_file(source)) == {n: f"{n}.0" for n in SD1_LAYER_NAMES}
+
+    def check(path: Path) -> None:
+        raw = load_file(path)
+        assert sorted(raw) == sorted(SD1_LAYER_NAMES)
+        assert all(torch.equal(raw[n], vectors[f"{n}.0"]) for n in SD1_LAYER_NAMES)
+        ef = load_embedding_file(path)
+        assert ef.kind == "kohya" and ef.layers == SD1_LAYER_NAMES
+
+    out = export_kohya(source)
+    assert out == tmp_path / "t.kohya.safetensors"
+    check(out)
+    cli_out = tmp_path / "cli.kohya.safetensors"
+    assert main(["export", str(source), "--format", "kohya", "-o", str(cli_out)]) == 0
+    assert f"wrote {cli_out}" in capsys.readouterr().out
+    check(cli_out)
+
+
+def test_files_whose_layers_do_not_map_onto_kohya_are_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a transformer layer that no kohya key holds (MID.1: a second transformer block)
+    extra = tmp_path / "extra.xti.safetensors"
+    transformer_file(extra, [f"{name}.0" for name in SD1_LAYER_NAMES] + ["MID.1"])
+    # SDXL layers
+    xl = tmp_path / "xl.xti.safetensors"
+    save_embedding_file(xl, *sdxl_file(n=1))
+    # 15 of the 16 layers, in an xti file
+    partial = tmp_path / "partial.xti.safetensors"
+    fifteen = [n for n in SD1_LAYER_NAMES if n != "MID"]
+    save_embedding_file(
+        partial, {n: v for n, v in sd1_vectors().items() if n != "MID"}, sd1_metadata(fifteen)
+    )
+    for path in (extra, xl, partial):
+        assert kohya_keys(load_embedding_file(path)) is None
+        with pytest.raises(XTIError) as info:
+            export_kohya(path)
+        msg = str(info.value)
+        assert "\n" not in msg and str(path) in msg and "16" in msg, msg
+        assert main(["export", str(path), "--format", "kohya"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and path.name in err, err
+    assert not list(tmp_path.glob("*.kohya.safetensors")), "nothing written"

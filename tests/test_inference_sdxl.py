@@ -1,27 +1,27 @@
-"""Inference in stock SDXL pipelines (DESIGN §5, §7): bit identity with the stock pipeline and
-stock textual inversion in both encoders, pooled embeds from the POOL slot, style mixing and
-per-layer prompts routed per layer, cross-family errors, plain-TI export, and validation samples
-during SDXL training, and ``xti generate`` / ``xti inspect`` on an SDXL model."""
+"""Inference in stock SDXL pipelines (DESIGN §5, §7), what only SDXL has: pooled embeds from the
+POOL slot, zero negatives without a negative prompt, clip_skip for the prompts only (as the stock
+``encode_prompt``), validation samples during SDXL training, and ``xti generate`` / ``xti inspect``
+on an SDXL model.
+
+The promises SD and SDXL share (bit identity with the stock pipeline and stock TI in both encoders,
+per-layer routing, mixing, per-layer prompts, unload, cross-family and mismatched files, plain-TI
+export) are checked for both in test_inference_contract.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from safetensors.torch import load_file
 
 from xti.cli import main
 from xti.config import load_config
-from xti.demo.builders import build_tiny_sdxl
-from xti.errors import XTIError
 from xti.export import build_metadata, save_embedding_file
-from xti.inference import XTIAdapter, export_ti, load_xti
+from xti.inference import XTIAdapter, load_xti
 from xti.layers import layer_scheme
 from xti.training import train
 
@@ -33,11 +33,6 @@ def new_pipe(folder: Path) -> StableDiffusionXLPipeline:
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-inference") / "tiny-sdxl", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -102,82 +97,23 @@ def stock_ti(folder: Path, tokens: list[str], vecs_l: list, vecs_g: list):
     return stock
 
 
-@contextlib.contextmanager
-def captured(pipe, scheme):
-    """Record the context each layer's cross-attention reads (input of ``attn2.to_k``) and the
-    pooled ``text_embeds`` the UNet gets, in the first UNet call."""
-    seen: dict[int, torch.Tensor] = {}
-    added: list[torch.Tensor] = []
-    modules = dict(pipe.unet.named_modules())
-    hooks = []
-    for i, layer in enumerate(scheme.layers):
-        for path in layer.cross_attention_paths:
-
-            def hook(_m, args, i=i):
-                seen.setdefault(i, args[0].detach().clone())
-
-            hooks.append(modules[f"{path}.to_k"].register_forward_pre_hook(hook))
-
-    def unet_hook(_m, _a, kw):
-        if not added:
-            added.append(kw["added_cond_kwargs"]["text_embeds"].detach().clone())
-
-    hooks.append(pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True))
-    try:
-        yield seen, added
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def stock_embeds(pipe, prompts, negative, n):
-    """The stock SDXL encode_prompt in the UNet batch layout: contexts and pooled embeds."""
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompts, device="cpu", num_images_per_prompt=n, negative_prompt=negative
-    )
-    return torch.cat([neg, pos]), torch.cat([neg_pooled, pooled])
-
-
 # ----------------------------------------------------------------------------- bit identity
 
 
-@pytest.mark.parametrize("negative", [None, "blurry"])
-def test_prompt_without_placeholders_generates_like_stock(tiny_sdxl, pipe, negative):
+def test_no_negative_prompt_gives_zero_negatives_as_stock(pipe):
+    """``force_zeros_for_empty_prompt``: without a negative prompt the negatives are zeros and
+    need no encoding (the prompts once per encoder)."""
     prompts = ["a photo of a cat", "a red cube"]
-    args = dict(negative_prompt=negative, num_images_per_prompt=2, **STEPS)
-    expected = pipe(prompts, generator=seeded(), **args).images
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompts, device="cpu", num_images_per_prompt=2
+    )
     with XTIAdapter(pipe) as xti:
-        encoded = xti.encode(prompts, negative_prompt=negative, num_images_per_prompt=2)
-        # prompts and negative once per encoder; zero negatives (stock) need no encoding
-        assert encoded.num_sequences == (2 if negative is None else 3)
-        if negative is None:
-            assert not encoded.negative_prompt_embeds.any()
-            assert not encoded.negative_pooled_prompt_embeds.any()
-        ours = xti(prompts, generator=seeded(), **args).images
-    assert ours.shape == (4, 32, 32, 3)
-    assert torch.equal(torch.from_numpy(ours), torch.from_numpy(expected))
-    # unloaded: the stock call is unchanged
-    again = pipe(prompts, generator=seeded(), **args).images
-    assert torch.equal(torch.from_numpy(again), torch.from_numpy(expected))
-
-
-@pytest.mark.parametrize("pooled", ["slot", "mean"])
-@pytest.mark.parametrize("negative", [None, "blurry <a>"])
-def test_equal_layers_generate_like_stock_ti_in_both_encoders(
-    tiny_sdxl, pipe, layers, tmp_path, pooled, negative
-):
-    vec_l, vec_g = random_vectors(0, 2, DL), random_vectors(1, 2, DG)
-    pool = vec_g if pooled == "slot" else None
-    path = write_sdxl_file(tmp_path / "a.xti.safetensors", layers, vec_l, vec_g, "<a>", pool)
-    prompts = ["a <a> on a table", "<a>"]
-    args = dict(negative_prompt=negative, num_images_per_prompt=2, **STEPS)
-    with load_xti(pipe, path) as xti:
-        assert (xti.concepts["<a>"].pool is not None) == (pooled == "slot")
-        ours = xti(prompts, generator=seeded(), **args).images
-    stock = stock_ti(tiny_sdxl, ["<a>"], [vec_l], [vec_g])
-    expected = stock(prompts, generator=seeded(), **args).images
-    assert ours.shape == (4, 32, 32, 3)
-    assert torch.equal(torch.from_numpy(ours), torch.from_numpy(expected))
+        encoded = xti.encode(prompts, num_images_per_prompt=2)
+    assert encoded.num_sequences == 2
+    assert not encoded.negative_prompt_embeds.any() and not neg.any()
+    assert not encoded.negative_pooled_prompt_embeds.any() and not neg_pooled.any()
+    assert torch.equal(encoded.contexts[0], torch.cat([neg, pos]))
+    assert torch.equal(encoded.pooled_prompt_embeds, pooled[::2])
 
 
 def test_pooled_embeds_come_from_the_pool_slot(tiny_sdxl, pipe, layers, tmp_path):
@@ -199,120 +135,18 @@ def test_pooled_embeds_come_from_the_pool_slot(tiny_sdxl, pipe, layers, tmp_path
     assert enc.contexts.shape == (len(layers), 2, 77, DL + DG)
 
 
-def test_clip_skip_and_no_guidance_match_stock_encode_prompt(pipe):
+def test_clip_skip_matches_stock_encode_prompt_on_both_sides(pipe):
     prompts = ["a photo of a cat", "a red cube"]
     pos, neg, pooled, neg_pooled = pipe.encode_prompt(
         prompts, device="cpu", negative_prompt="blurry", clip_skip=1
     )
     with XTIAdapter(pipe) as xti:
         enc = xti.encode(prompts, negative_prompt="blurry", clip_skip=1)
-        plain = xti.encode(prompts, do_classifier_free_guidance=False)
     # as stock: clip_skip for the prompts, the penultimate layer for the negatives
     assert torch.equal(enc.prompt_embeds, pos) and torch.equal(enc.negative_prompt_embeds, neg)
     assert torch.equal(enc.pooled_prompt_embeds, pooled)
     assert torch.equal(enc.negative_pooled_prompt_embeds, neg_pooled)
     assert torch.equal(enc.contexts[3], torch.cat([neg, pos]))
-    pos0, _, pooled0, _ = pipe.encode_prompt(
-        prompts, device="cpu", do_classifier_free_guidance=False
-    )
-    assert torch.equal(plain.prompt_embeds, pos0) and torch.equal(
-        plain.pooled_prompt_embeds, pooled0
-    )
-    assert plain.negative_pooled_prompt_embeds is None and plain.contexts.shape[1] == 2
-
-
-# ----------------------------------------------------------------------------- routing
-
-
-def test_mixing_routes_concepts_by_layer_with_cfg_negative_and_repeats(
-    tiny_sdxl, pipe, layers, tmp_path
-):
-    va_l, va_g = random_vectors(3, 1, DL), random_vectors(4, 1, DG)
-    vb_l, vb_g = random_vectors(5, 1, DL), random_vectors(6, 1, DG)
-    file_a = write_sdxl_file(tmp_path / "a.xti.safetensors", layers, va_l, va_g, "<a>", va_g)
-    file_b = write_sdxl_file(tmp_path / "b.xti.safetensors", layers, vb_l, vb_g, "<b>", vb_g)
-    stock = stock_ti(tiny_sdxl, ["<a>", "<b>"], [va_l, vb_l], [va_g, vb_g])
-    prompts = ["a photo of <a>", "<a> on a table"]
-    negative = ["blurry", "blurry"]
-    expect_a, pooled_a = stock_embeds(stock, prompts, negative, 2)
-    expect_b, _ = stock_embeds(stock, [p.replace("<a>", "<b>") for p in prompts], negative, 2)
-    assert not torch.equal(expect_a, expect_b)
-
-    scheme = layer_scheme(pipe.unet)
-    coarse = set(scheme.select("coarse"))
-    assert 0 < len(coarse) < len(layers)
-    with load_xti(pipe, [file_a, file_b]) as xti, captured(pipe, scheme) as (seen, added):
-        out = xti(
-            prompts,
-            negative_prompt="blurry",
-            mix={"<a>": "coarse", "<b>": "fine"},
-            num_images_per_prompt=2,
-            guidance_scale=5.0,
-            generator=seeded(),
-            **STEPS,
-        )
-    assert out.images.shape[0] == 4
-    assert len(seen) == len(layers)
-    for i in range(len(layers)):
-        expected = expect_a if i in coarse else expect_b
-        assert seen[i].shape == (8, 77, DL + DG)  # [negatives x2, prompts x2] for 2 prompts
-        assert torch.equal(seen[i], expected), layers[i]
-    # pooled: the prompt as written (<a>) at <a>'s POOL vectors
-    assert torch.equal(added[0], pooled_a)
-
-
-def test_per_layer_prompts_route_both_encoders(tiny_sdxl, pipe):
-    cube, cube_pooled = stock_embeds(pipe, "a red cube", None, 1)
-    lizard, _ = stock_embeds(pipe, "a green lizard", None, 1)
-    scheme = layer_scheme(pipe.unet)
-    mid = scheme.index("MID")
-    with XTIAdapter(pipe) as xti, captured(pipe, scheme) as (seen, added):
-        xti("a red cube", layer_prompts={"mid": "a green lizard"}, generator=seeded(), **STEPS)
-    for i in range(len(scheme)):
-        assert torch.equal(seen[i], lizard if i == mid else cube), scheme.names[i]
-    assert torch.equal(added[0], cube_pooled)  # pooled: the prompt, not the layer prompts
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def test_cross_family_files_fail_with_one_line_naming_both(tiny_model, pipe, layers, tmp_path):
-    sd1 = StableDiffusionPipeline.from_pretrained(tiny_model)
-    sd1_layers = layer_scheme(sd1.unet).names
-    meta = build_metadata(
-        layers=sd1_layers, granularity="block", placeholder="<s>", initializer="box",
-        n_vectors=1, family="sd1", base_model="tiny", text_dims={"text": 32}, steps=0,
-        kde_weight=0.0,
-    )  # fmt: skip
-    sd1_file = save_embedding_file(
-        tmp_path / "s.xti.safetensors", {n: torch.zeros(1, 32) for n in sd1_layers}, meta
-    )
-    sdxl_file = write_sdxl_file(
-        tmp_path / "x.xti.safetensors", layers, torch.zeros(1, DL), torch.zeros(1, DG), "<x>"
-    )
-    with XTIAdapter(pipe) as xti, pytest.raises(XTIError) as err:
-        xti.load(sd1_file)
-    msg = str(err.value)
-    assert "\n" not in msg and "SD 1.x/2.x file" in msg and "SDXL pipeline" in msg
-    assert "s.xti.safetensors" in msg
-    with XTIAdapter(sd1) as xti, pytest.raises(XTIError) as err:
-        xti.load(sdxl_file)
-    msg = str(err.value)
-    assert "\n" not in msg and "SDXL file" in msg and "SD 1.x/2.x" in msg
-
-
-def test_ti_export_loads_into_the_stock_sdxl_pipeline(tiny_sdxl, pipe, layers, tmp_path):
-    vec_l, vec_g = random_vectors(7, 2, DL), random_vectors(8, 2, DG)
-    path = write_sdxl_file(tmp_path / "c.xti.safetensors", layers, vec_l, vec_g, "<c>", vec_g)
-    ti = load_file(export_ti(path, layer="MID"))
-    assert set(ti) == {"clip_l", "clip_g"}
-    assert torch.equal(ti["clip_l"], vec_l) and torch.equal(ti["clip_g"], vec_g)
-    stock = stock_ti(tiny_sdxl, ["<c>"], [ti["clip_l"]], [ti["clip_g"]])
-    args = dict(negative_prompt="blurry", **STEPS)
-    expected = stock("a <c> in the snow", generator=seeded(), **args).images
-    with load_xti(pipe, path) as xti:
-        ours = xti("a <c> in the snow", generator=seeded(), **args).images
-    assert torch.equal(torch.from_numpy(ours), torch.from_numpy(expected))
 
 
 # ----------------------------------------------------------------------------- training
@@ -352,6 +186,54 @@ def test_sdxl_training_writes_validation_grids_without_changing_losses(tiny_sdxl
     assert validated.losses == plain.losses
     for enc in ("clip_l", "clip_g"):
         assert torch.equal(validated.all_vectors[enc], plain.all_vectors[enc])
+
+
+def test_a_transformer_granularity_file_from_train_py_generates_through_load_xti_and_the_cli(
+    tiny_sdxl, pipe, tmp_path
+):
+    """An SDXL run with ``xti.granularity=transformer`` (one layer per transformer block) gives a
+    file that `load_xti` and ``xti generate`` use without being told its scheme, and the images
+    are those of an adapter built with that scheme explicitly."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "train.py"), "--config", str(root / "configs/tiny.yaml"),
+         f"model.path={tiny_sdxl}", f"data.dir={data}", f"output_dir={out}",
+         "xti.granularity=transformer", "concept.placeholder=<tf>", "name=tf", "train.max_steps=2",
+         "train.batch_size=1", "train.resolution=32", "validation.every=0",
+         "tracking.report_to=none", "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    file = out / "tf.xti.safetensors"
+    transformer_names = layer_scheme(pipe.unet, "transformer").names
+    assert len(transformer_names) > len(layer_scheme(pipe.unet, "block").names)
+
+    prompt, kwargs = "a photo of <tf>", dict(STEPS, guidance_scale=4.0)
+    with load_xti(pipe, file) as xti:
+        assert xti.layer_names == transformer_names
+        auto = xti(prompt, generator=seeded(3), **kwargs).images
+    with XTIAdapter(pipe, granularity="transformer") as xti:
+        xti.load(file)
+        told = xti(prompt, generator=seeded(3), **kwargs).images
+    np.testing.assert_array_equal(auto, told)
+
+    gen = tmp_path / "gen"
+    code = main(["generate", "--model", str(tiny_sdxl), "-e", str(file), "--prompt", prompt,
+                 "--steps", "2", "--size", "32", "--guidance", "4", "--seed", "3",
+                 "--out-dir", str(gen), "--name", "tf", "--no-progress"])  # fmt: skip
+    assert code == 0
+    with Image.open(gen / "tf-3-00.png") as img:
+        cli = np.asarray(img.convert("RGB")).astype(np.float32) / 255
+    assert np.abs(cli - auto[0]).max() <= 1 / 255 + 1e-6  # the PNG is the image, 8-bit
 
 
 # ----------------------------------------------------------------------------- CLI

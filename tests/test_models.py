@@ -31,7 +31,8 @@ from xti.demo.builders import (
     resolve_builtin,
 )
 from xti.errors import XTIError
-from xti.models import ModelBundle, detect_family, load_model, training_scheduler
+from xti.families import SD1, SD2, SDXL, detect
+from xti.models import ModelBundle, load_model, training_scheduler
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -179,7 +180,7 @@ def test_load_model_bundle(bundle: ModelBundle, tiny_folder: Path) -> None:
     assert isinstance(bundle.unet, UNet2DConditionModel)
     assert isinstance(bundle.vae, AutoencoderKL)
     assert isinstance(bundle.noise_scheduler, DDPMScheduler)
-    assert bundle.family == "sd1"
+    assert bundle.family.name == "sd1"
     assert bundle.prediction_type == "epsilon"
     assert bundle.source == str(tiny_folder)
     assert bundle.tokenizer("a photo of a cat").input_ids == [
@@ -207,11 +208,22 @@ def test_load_model_bundle(bundle: ModelBundle, tiny_folder: Path) -> None:
 
 def test_load_model_is_offline(tiny_folder: Path, no_network: None) -> None:
     bundle = load_model(ModelConfig(path=str(tiny_folder), family="sd1"))
-    assert bundle.family == "sd1"
+    assert bundle.family.name == "sd1"
 
 
 def test_family_override(tiny_folder: Path) -> None:
-    assert load_model(ModelConfig(path=str(tiny_folder), family="sd2")).family == "sd2"
+    assert load_model(ModelConfig(path=str(tiny_folder), family="sd2")).family is SD2
+
+
+def test_family_that_contradicts_the_model_is_one_line(tiny_folder: Path, tiny_sdxl: Path) -> None:
+    """sd1 and sd2 may relabel each other; SDXL against SD 1.x/2.x is an error naming
+    model.family."""
+    with pytest.raises(XTIError) as err:
+        load_model(ModelConfig(path=str(tiny_sdxl), family="sd1"))
+    assert_one_line(err, "model.family", "sd1", "sdxl", str(tiny_sdxl))
+    with pytest.raises(XTIError) as err:
+        load_model(ModelConfig(path=str(tiny_folder), family="sdxl"))
+    assert_one_line(err, "model.family", "sdxl", "sd1", str(tiny_folder))
 
 
 def test_training_scheduler_keeps_model_settings() -> None:
@@ -253,20 +265,20 @@ def test_reference_unets_on_meta() -> None:
     assert te_h.config.num_hidden_layers == 23 and te_h.config.hidden_act == "gelu"
     layers = [n for n, m in te_h.named_modules() if type(m).__name__ == "CLIPEncoderLayer"]
     assert len(layers) == 23
-    assert detect_family(te_l, sd15) == "sd1"
-    assert detect_family(te_h, sd21) == "sd2"
-    assert detect_family(None, sd21) == "sd2"
-    assert detect_family(te_h, None) == "sd2"
+    assert detect(sd15, te_l) is SD1 and SD1.name == "sd1"
+    assert detect(sd21, te_h) is SD2 and SD2.name == "sd2"
+    assert detect(sd21, None) is SD2
+    assert detect(None, te_h) is SD2
     with pytest.raises(XTIError, match="768.*1024|1024.*768"):
-        detect_family(te_l, sd21)
+        detect(sd21, te_l)
 
 
 def test_detect_family_tiny_and_sdxl(bundle: ModelBundle) -> None:
-    assert detect_family(bundle.text_encoder, bundle.unet) == "sd1"
+    assert detect(bundle.unet, bundle.text_encoder) is SD1
     sdxl = types.SimpleNamespace(
         config=types.SimpleNamespace(cross_attention_dim=2048, addition_embed_type="text_time")
     )
-    assert detect_family(None, sdxl) == "sdxl"
+    assert detect(sdxl, None) is SDXL and SDXL.name == "sdxl"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +310,7 @@ def test_builtin_builds_once_and_reuses(
     assert bundle.prediction_type == "v_prediction"
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
     assert bundle.source == "builtin:tiny-sd1-v"
-    assert bundle.family == "sd1"
+    assert bundle.family.name == "sd1"
 
 
 def test_builtin_names() -> None:
@@ -404,7 +416,7 @@ def test_single_file_plumbing(
     assert seen["config"] == str(tiny_folder)
     assert seen["local_files_only"] is True
     assert bundle.source == str(file)
-    assert bundle.family == "sd1" and bundle.prediction_type == "epsilon"
+    assert bundle.family.name == "sd1" and bundle.prediction_type == "epsilon"
     assert isinstance(bundle.noise_scheduler, DDPMScheduler)
     assert not any(p.requires_grad for p in bundle.unet.parameters())
 

@@ -22,12 +22,13 @@ from xti.demo.builders import (
 from xti.embeddings import (
     ConceptVectors,
     add_placeholder_tokens,
-    encode_sdxl_per_layer,
+    encode_per_layer,
     install_token_embedding,
     layer_variants,
     tokenize,
 )
 from xti.export import load_embedding_file
+from xti.families import SDXL, EncoderPart
 from xti.layers import layer_scheme
 from xti.models import load_model
 from xti.training import train
@@ -141,6 +142,7 @@ def test_pooled_output_is_read_at_the_true_eos_position_with_added_tokens():
         m.config.eos_token_id = 2
         m.eos_token_id = 2
     tok1, tok2 = parts["tokenizer"], parts["tokenizer_2"]
+    assert tok2.eos_token_id == 49407  # the EOS the pooled output is read at
     pt1, pt2 = add_placeholder_tokens(tok1, "<x>", 2), add_placeholder_tokens(tok2, "<x>", 2)
     prompts = ["a <x> on a table", "<x>"]
     ids1 = tokenize(tok1, [pt1.expand(p) for p in prompts])
@@ -151,13 +153,13 @@ def test_pooled_output_is_read_at_the_true_eos_position_with_added_tokens():
     h1 = install_token_embedding(te1, pt1.first_id, c1)
     h2 = install_token_embedding(te2, pt2.first_id, c2)
     with torch.no_grad():
-        contexts, pooled = encode_sdxl_per_layer(
-            (te1, te2),
-            (ids1, ids2),
-            (pt1, pt2),
+        contexts, pooled = encode_per_layer(
+            SDXL,
+            [EncoderPart("clip_l", tok1, te1), EncoderPart("clip_g", tok2, te2)],
+            {"clip_l": ids1, "clip_g": ids2},
+            {"clip_l": pt1, "clip_g": pt2},
             layer_variants(layers, "block"),
             layers,
-            49407,
             "slot",
         )
         # reference: the POOL variant (index 3) of every placeholder token, EOS found by a loop
@@ -185,7 +187,7 @@ def test_sdxl_training_exports_both_encoders_and_time_ids_per_sample(
     tiny_sdxl, sdxl_images, tmp_path
 ):
     bundle = load_model(cfg(tiny_sdxl, sdxl_images, tmp_path).model)
-    assert bundle.family == "sdxl"
+    assert bundle.family.name == "sdxl"
     seen = []
     bundle.unet.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["added_cond_kwargs"]), with_kwargs=True

@@ -31,7 +31,9 @@ def cache(num_images=3):
 def prompts(num_images=3):
     ids = torch.arange(num_images * 2 * 5).reshape(num_images * 2, 5)
     return PromptTable(
-        ids=ids, first_row=torch.arange(num_images) * 2, count=torch.full((num_images,), 2)
+        ids={"text": ids},
+        first_row=torch.arange(num_images) * 2,
+        count=torch.full((num_images,), 2),
     )
 
 
@@ -51,8 +53,11 @@ def draw(**kw):
 
 def test_batches_are_a_pure_function_of_seed_and_step():
     a, b = draw(), draw()
-    for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
-        assert (x is None and y is None) or torch.equal(x, y)
+    assert a.ids.keys() == b.ids.keys() == {"text"}
+    assert torch.equal(a.ids["text"], b.ids["text"])
+    for name in ("latents", "noise", "timesteps", "image_ids", "time_ids"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
     assert not torch.equal(draw(micro_step=1).noise, a.noise)
     assert not torch.equal(draw(seed=2).noise, a.noise)
 
@@ -60,13 +65,14 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 def test_rank_slices_make_up_the_global_batch():
     whole = draw(global_batch=4)
     parts = [draw(global_batch=4, rank=r, world_size=2) for r in range(2)]
-    for field in ("latents", "noise", "timesteps", "input_ids", "image_ids"):
+    for field in ("latents", "noise", "timesteps", "image_ids"):
         assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field))
+    assert torch.equal(torch.cat([p.ids["text"] for p in parts]), whole.ids["text"])
 
 
 def test_prompts_come_from_the_sampled_image():
     b = draw(global_batch=64)
-    rows = b.input_ids[:, 0] // 5  # row r holds r*5 .. r*5+4
+    rows = b.ids["text"][:, 0] // 5  # row r holds r*5 .. r*5+4
     assert torch.equal(rows // 2, b.image_ids)
 
 

@@ -101,19 +101,21 @@ def test_shared_mode_equals_an_independent_textual_inversion_step(tiny_model, tm
         records, 32, center_crop=True, random_crops=1, flip_p=cfg.data.flip_p, seed=cfg.train.seed
     )
     cache = encode_latents(ref.vae, aug, 4, progress=False)
-    prompts = PromptTable.build(tok, prompts_per_image(records, "<box>", "object"), pt)
+    prompts = PromptTable.build(
+        {"text": tok}, prompts_per_image(records, "<box>", "object"), {"text": pt}
+    )
     batch = sample_batch(
         cache, prompts, num_train_timesteps=1000, global_batch=2, rank=0, world_size=1,
         seed=cfg.train.seed, micro_step=0, flip_p=cfg.data.flip_p,
     )  # fmt: skip
-    assert (batch.input_ids == pt.first_id).any(dim=1).all()
+    assert (batch.ids["text"] == pt.first_id).any(dim=1).all()
     te = copy.deepcopy(te)
     te.resize_token_embeddings(len(tok), mean_resizing=False)
     table = te.get_input_embeddings().weight
     table.requires_grad_(True)
     with torch.no_grad():
         table[pt.first_id] = init
-    contexts = te(batch.input_ids)[0]
+    contexts = te(batch.ids["text"])[0]
     noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)
     pred = unet(noisy, batch.timesteps, encoder_hidden_states=contexts).sample
     loss = torch.nn.functional.mse_loss(pred, batch.noise)
@@ -175,3 +177,53 @@ def test_bf16_runs_the_frozen_models_in_bf16_and_keeps_vectors_fp32(tiny_model, 
     assert all(torch.isfinite(torch.tensor([loss for _, loss in result.losses])))
     with safe_open(str(result.output_file), "pt") as f:
         assert f.get_tensor("IN01").dtype == torch.float32
+
+
+def test_an_error_in_a_step_leaves_the_callers_models_and_accelerate_as_they_were(
+    tiny_model, tmp_path, monkeypatch
+):
+    from accelerate.state import AcceleratorState
+
+    import xti.training
+
+    cfg = make_cfg(tiny_model, tmp_path / "failed", "train.gradient_checkpointing=true")
+    bundle = load_model(cfg.model)
+    unet, te = bundle.unet, bundle.text_encoder
+    processors = dict(unet.attn_processors)
+    embedding = te.get_input_embeddings()
+    real_compute_loss = xti.training.compute_loss
+    calls = []
+
+    def fails_at_step_2(models, batch, **kwargs):
+        calls.append(1)
+        # the training hooks are in place while a step runs
+        assert te.get_input_embeddings() is not embedding
+        assert dict(unet.attn_processors) != processors
+        if len(calls) == 2:
+            raise RuntimeError("boom at step 2")
+        return real_compute_loss(models, batch, **kwargs)
+
+    monkeypatch.setattr(xti.training, "compute_loss", fails_at_step_2)
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        train(cfg, bundle=bundle, progress=False)
+    assert len(calls) == 2
+
+    after = dict(unet.attn_processors)
+    assert after.keys() == processors.keys()
+    assert all(after[k] is processors[k] for k in processors), "the same processor objects"
+    assert te.get_input_embeddings() is embedding
+    assert type(embedding) is torch.nn.Embedding
+    assert not unet.is_gradient_checkpointing
+    assert not AcceleratorState._shared_state, "Accelerate's process-wide state is reset"
+    assert not (tmp_path / "failed" / ".xti.lock").exists()
+
+    # the same models train again (the tokenizer keeps <box>, as documented: a new placeholder),
+    # in another mixed precision, in the same process
+    monkeypatch.setattr(xti.training, "compute_loss", real_compute_loss)
+    again = make_cfg(
+        tiny_model, tmp_path / "again", "concept.placeholder=<box2>", "train.mixed_precision=bf16",
+        "train.max_steps=1",
+    )  # fmt: skip
+    result = train(again, bundle=bundle, progress=False)
+    assert result.steps == 1 and result.output_file is not None
+    assert AcceleratorState._shared_state == {}

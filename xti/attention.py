@@ -103,12 +103,3 @@ def per_layer_processors(unet: nn.Module, scheme: LayerScheme) -> Iterator[Proce
         yield handle
     finally:
         handle.remove()
-
-
-def contexts_kwargs(contexts: torch.Tensor, num_layers: int) -> dict[str, torch.Tensor]:
-    """Check a ``[L, B, T, D]`` contexts tensor and wrap it as cross_attention_kwargs."""
-    if contexts.dim() != 4 or contexts.shape[0] != num_layers:
-        raise XTIError(
-            f"per-layer contexts must have shape [L={num_layers}, B, T, D], got {list(contexts.shape)}"
-        )
-    return {CONTEXTS_KWARG: contexts}

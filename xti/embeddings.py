@@ -203,13 +203,9 @@ def layer_rows(
     Row i is the batch with the placeholder ids of layer i's variant (`variant_of_layer`), then one
     row per `extra_variants` entry (SDXL's POOL slot is variant V).
     """
-    extra = torch.tensor(list(extra_variants), dtype=torch.long)
-    rows = torch.cat([variant_of_layer.cpu(), extra]).to(input_ids.device)
-    is_placeholder = (input_ids >= tokens.first_id) & (
-        input_ids < tokens.first_id + tokens.n_vectors
-    )
-    offsets = rows.view(-1, 1, 1) * tokens.n_vectors
-    return (input_ids.unsqueeze(0) + offsets * is_placeholder.unsqueeze(0)).unsqueeze(0)
+    rows = torch.cat([variant_of_layer.cpu(), torch.tensor(list(extra_variants), dtype=torch.long)])
+    every = variant_ids(input_ids, tokens.first_id, tokens.n_vectors, int(rows.max()) + 1)
+    return every[rows.to(every.device)].unsqueeze(0)
 
 
 def encode_per_layer(
@@ -244,7 +240,9 @@ def encode_per_layer(
         ids[part.name] = layer_rows(
             input_ids[part.name], tokens[part.name], variant_of_layer, extra
         )
-    out = encode_layers(family, parts, ids, num_layers=len(variant_of_layer), pool_row=pool_row)
+    out = encode_layers(
+        family, parts, ids, num_layers=len(variant_of_layer), pool_row=pool_row, distinct=False
+    )
     return out.contexts[0], (out.pooled[0] if out.pooled is not None else None)
 
 

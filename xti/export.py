@@ -53,11 +53,6 @@ SD1_LAYER_NAMES: list[str] = [
 ]  # fmt: skip
 
 
-_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/xti",
-    "sd2": "stable-diffusion-v2/xti",
-    "sdxl": "stable-diffusion-xl-v1-base/xti",
-}
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 _MAX_KEYS_SHOWN = 20
 
@@ -148,7 +143,7 @@ def build_metadata(
         "xti.steps": str(int(steps)),
         "xti.kde_weight": repr(float(kde_weight)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _ARCHITECTURE[family],
+        "modelspec.architecture": FAMILIES[family].architecture,
         "modelspec.title": title if title is not None else str(placeholder),
         "modelspec.date": _dt.date.today().isoformat(),
     }
@@ -601,7 +596,7 @@ def export_kohya(
     if keys is None:
         raise XTIError(
             f"{source}: kohya's XTI files hold the 16 SD 1.x/2.x layers "
-            f"({_names(SD1_LAYER_NAMES)}); this file has {_names(list(ef.vectors))}"
+            f"({names_list(SD1_LAYER_NAMES)}); this file has {names_list(list(ef.vectors))}"
         )
     out = Path(output) if output is not None else _default_output(source, ".kohya.safetensors")
     _check_output(source, out)
@@ -636,7 +631,7 @@ def export_ti(
     return _save_safetensors(out, vectors, meta)
 
 
-def _names(names: Sequence[str], limit: int = _MAX_KEYS_SHOWN) -> str:
+def names_list(names: Sequence[str], limit: int = _MAX_KEYS_SHOWN) -> str:
     """Names for a message: all of them, or the first and last few of a long list."""
     names = list(names)
     if len(names) <= limit:

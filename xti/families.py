@@ -24,7 +24,6 @@ text encoder once on the distinct rows and builds the per-layer contexts and poo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -86,6 +85,7 @@ class ModelFamily:
 
     name: str
     label: str
+    architecture: str  # the file's ``modelspec.architecture``
     specs: tuple[EncoderSpec, ...]
     pipeline_class: str
     uses_time_ids = False
@@ -117,7 +117,7 @@ class ModelFamily:
             if getattr(components, name, None) is None:
                 raise XTIError(
                     f"this {self.label} pipeline ({type(components).__name__}) has no {name}; "
-                    f"xti needs {', '.join(needed)}"
+                    f"xti needs a text-to-image pipeline with {', '.join(needed)}"
                 )
 
     def vector_sets(self, encoder: str, num_variants: int, pooled: str) -> int:
@@ -225,8 +225,9 @@ class StableDiffusion(ModelFamily):
     specs = (EncoderSpec("text", "tokenizer", "text_encoder"),)
     pipeline_class = "StableDiffusionPipeline"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, architecture: str) -> None:
         self.name = name
+        self.architecture = architecture
 
     def file_key(self, encoder: str, layer: str) -> str:
         return layer
@@ -255,6 +256,7 @@ class StableDiffusionXL(ModelFamily):
 
     name = "sdxl"
     label = "SDXL"
+    architecture = "stable-diffusion-xl-v1-base/xti"
     specs = (
         EncoderSpec("clip_l", "tokenizer", "text_encoder"),
         EncoderSpec("clip_g", "tokenizer_2", "text_encoder_2", projection=True),
@@ -332,8 +334,12 @@ class StableDiffusionXL(ModelFamily):
         if pool_row:
             return contexts, pooled[:, 0]
         same = (pooled == pooled[:, :1]).all(dim=-1).all(dim=1)  # [S, B]
-        # equal layers give exactly their pooled output (a mean of equal floats may not)
-        return contexts, torch.where(same.unsqueeze(-1), pooled[:, 0], pooled.mean(dim=1))
+        # equal layers give exactly their pooled output (a mean of equal floats may not); the
+        # gradient is the mean's either way (training spreads it over every layer's vectors).
+        # mean + (p0 - mean) is exactly p0: the difference of two floats this close is exact.
+        mean = pooled.mean(dim=1)
+        exact = mean + (pooled[:, 0] - mean).detach()
+        return contexts, torch.where(same.unsqueeze(-1), exact, mean)
 
     def added_cond(self, pooled, time_ids, dtype):
         if pooled is None or time_ids is None:
@@ -341,8 +347,8 @@ class StableDiffusionXL(ModelFamily):
         return {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
 
 
-SD1 = StableDiffusion("sd1")
-SD2 = StableDiffusion("sd2")
+SD1 = StableDiffusion("sd1", "stable-diffusion-v1/xti")
+SD2 = StableDiffusion("sd2", "stable-diffusion-v2/xti")
 SDXL = StableDiffusionXL()
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL)}
 
@@ -399,22 +405,18 @@ def resolve(requested: str, detected: ModelFamily, where: str) -> ModelFamily:
     wanted = named(requested)
     if type(wanted) is not type(detected):
         raise XTIError(
-            f"{where}: model.family={requested} but this is an {detected.label} model "
-            f"({detected.name}); set model.family=auto or {detected.name}"
+            f"{where}: model.family={requested} but this is an {detected.label} model; "
+            f"set model.family=auto or {detected.name}"
         )
     return wanted
 
 
 def of_pipeline(pipe: Any) -> ModelFamily:
     """The family of a diffusers pipeline, with its components checked (one-line errors)."""
-    for name in ("tokenizer", "text_encoder", "unet"):
-        if getattr(pipe, name, None) is None:
-            raise XTIError(
-                f"this pipeline ({type(pipe).__name__}) has no {name}; xti needs a Stable "
-                "Diffusion text-to-image pipeline (tokenizer, text_encoder, unet)"
-            )
-    family = SDXL if getattr(pipe, "text_encoder_2", None) is not None else None
-    family = family or detect(pipe.unet, pipe.text_encoder)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        family = SDXL
+    else:
+        family = detect(getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None))
     family.check_components(pipe)
     return family
 
@@ -433,6 +435,11 @@ def specs_of_index(
     return SDXL.specs if has_second else SD1.specs
 
 
+def of_specs(specs: Sequence[EncoderSpec]) -> ModelFamily:
+    """The family whose text encoders these are (SD 1.x for one encoder)."""
+    return SDXL if tuple(specs) == SDXL.specs else SD1
+
+
 def of_file(metadata: Mapping[str, str], keys: Iterable[str]) -> ModelFamily:
     """The family of an embedding file: its ``xti.family`` metadata, else its key layout."""
     family = metadata.get("xti.family")
@@ -440,13 +447,6 @@ def of_file(metadata: Mapping[str, str], keys: Iterable[str]) -> ModelFamily:
         return FAMILIES[family]
     prefixes = tuple(f"{s.name}." for s in SDXL.specs)
     return SDXL if any(str(k).startswith(prefixes) for k in keys) else SD1
-
-
-def text_dims(parts: Sequence[EncoderPart]) -> str:
-    """``xti.text_dims`` metadata: the token-embedding width of each encoder (JSON)."""
-    return json.dumps(
-        {p.name: int(p.text_encoder.get_input_embeddings().weight.shape[-1]) for p in parts}
-    )
 
 
 # ---------------------------------------------------------------------------------- encoding
@@ -497,12 +497,15 @@ def encode_layers(
     clip_skip: int | None = None,
     device: torch.device | str | None = None,
     around_call: Any = None,
+    distinct: bool = True,
 ) -> LayerEncoding:
     """Per-layer contexts (and SDXL's pooled embeds) from per-encoder id rows.
 
-    Each encoder runs **once**, on the distinct rows of its ids (identical rows, e.g. the layers
-    of a ``shared`` concept or a prompt without placeholders, are encoded once); on CPU every row
-    of a batch equals the row encoded alone, so this changes no bit.
+    Each encoder runs **once**; with `distinct`, on the distinct rows of its ids only (identical
+    rows, e.g. the layers of a ``shared`` concept or a prompt without placeholders, are encoded
+    once; on CPU every row of a batch equals the row encoded alone, so the values do not change).
+    Training passes ``distinct=False``: gradients of shared rows would be summed in another order,
+    and a run would no longer repeat the last bits of runs before.
 
     Args:
         family: the model family.
@@ -518,6 +521,7 @@ def encode_layers(
         device: where the encoders run (default: where the ids are).
         around_call: ``(part) -> context manager`` entered around each encoder call (inference
             installs its concept table and LoRA scale there).
+        distinct: encode identical rows once.
     """
     hidden: dict[str, torch.Tensor] = {}
     eos: torch.Tensor | None = None
@@ -526,21 +530,22 @@ def encode_layers(
         part_ids = ids[part.name]
         shape = part_ids.shape  # [S, R, B, T]
         flat = part_ids.reshape(-1, shape[-1])
-        keep, back = distinct_rows(flat)
-        run_ids = flat[keep.to(flat.device)].to(device or flat.device)
+        keep, back = distinct_rows(flat) if distinct else (None, None)
+        run_ids = (flat if keep is None else flat[keep.to(flat.device)]).to(device or flat.device)
         mask = None
         if masks is not None and getattr(part.text_encoder.config, "use_attention_mask", False):
             m = masks[part.name].reshape(-1, shape[-1])
-            mask = m[keep.to(m.device)].to(run_ids.device)
+            mask = (m if keep is None else m[keep.to(m.device)]).to(run_ids.device)
         with ExitStack() as stack:
             if around_call is not None:
                 stack.enter_context(around_call(part))
             h, e = family.encoder_states(part, run_ids, mask, clip_skip)
-        back = back.to(h.device)
-        hidden[part.name] = h[back].view(*shape[:3], *h.shape[1:])
+        if back is not None:
+            h, e = h[back.to(h.device)], (e[back.to(e.device)] if e is not None else None)
+        hidden[part.name] = h.view(*shape[:3], *h.shape[1:])
         if e is not None:
-            eos = e[back.to(e.device)].view(*shape[:3], -1)
-        calls = max(calls, len(keep))
+            eos = e.view(*shape[:3], -1)
+        calls = max(calls, len(run_ids))
     contexts, pooled = family.finish(
         hidden, eos, parts, num_layers=num_layers, pool_row=pool_row, clip_skip=clip_skip
     )

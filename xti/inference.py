@@ -3,12 +3,11 @@
 This module owns everything a user needs to generate with XTI concepts while keeping their own
 diffusers pipeline: loading ``.xti.safetensors`` (and kohya 16-key) files for a pipeline, encoding
 prompts into per-layer contexts, style mixing, per-layer prompts (P+ without training), running the
-pipeline with those contexts, and leaving the pipeline as it was (`XTIAdapter.unload`). It also
-holds the small helpers the ``xti generate / inspect / export`` commands use (pipeline loading,
-scheduler swap, image grid, file inspection, kohya and plain-TI export).
+pipeline with those contexts, and leaving the pipeline as it was (`XTIAdapter.unload`). Loading
+pipelines and saving images is `xti.pipelines`; inspecting and converting files is `xti.export`.
 
-How it works, for a pipeline ``pipe`` (SD 1.x / 2.x, SDXL; the text-encoder handling is written
-per encoder slot: one for SD 1.x/2.x, ``clip_l`` and ``clip_g`` for SDXL):
+How it works, for a pipeline ``pipe`` (SD 1.x / 2.x, SDXL: the family, `xti.families`, says which
+text encoders there are and how their states make contexts and pooled embeds):
 
 * `XTIAdapter(pipe)` wraps every attention processor of ``pipe.unet`` in an `XTIAttnProcessor`
   (`xti.attention`); without the ``xti_contexts`` key they call the wrapped processor unchanged,
@@ -20,9 +19,13 @@ per encoder slot: one for SD 1.x/2.x, ``clip_l`` and ``clip_g`` for SDXL):
   that layer's per-layer prompt, with mixed placeholders replaced by the concept that owns layer
   ``i`` and every placeholder expanded to its tokens. After tokenizing, a concept token gets the
   virtual id of *layer i's* vector (``first_id + v·N + k``, vector ``k`` of layer variant ``v``);
-  layers whose vector is bitwise equal to an earlier layer's share that layer's id. Identical id
-  rows (positive and negative, all layers, all batch items) are encoded **once**, in **one**
-  text-encoder call, and indexed back into contexts ``[L, batch, T, D]``.
+  layers whose vector is bitwise equal to an earlier layer's share that layer's id. The id rows
+  go through the per-layer encoder that training uses too (`xti.families.encode_layers`):
+  identical rows (positive and negative, all layers, all batch items) are encoded **once**, in
+  **one** call per text encoder, and indexed back into contexts ``[L, batch, T, D]``.
+* The layer scheme comes from the files: a ``transformer``-granularity file (one layer per
+  transformer block, ``IN07.3``) switches the adapter to that scheme on load, and ``block`` files
+  loaded beside it give each transformer block its block's vectors (`match_layers`).
 * The pipeline is called with ``prompt_embeds`` / ``negative_prompt_embeds`` (layer 0, which it
   needs for its bookkeeping) and ``cross_attention_kwargs={"xti_contexts": contexts}`` where the
   contexts are already laid out as the UNet batch: ``[negative · n, positive · n]`` under
@@ -31,7 +34,7 @@ per encoder slot: one for SD 1.x/2.x, ``clip_l`` and ``clip_g`` for SDXL):
 * SDXL (`StableDiffusionXLPipeline` and pipelines built on it; DESIGN §5): ``clip_l`` vectors go
   to ``pipe.tokenizer``/``text_encoder``, ``clip_g`` ones to ``tokenizer_2``/``text_encoder_2``;
   both encoders take the same layer's text and variant, and a layer's context is the concatenation
-  of their penultimate hidden states (as `xti.embeddings.encode_sdxl_per_layer`). The pooled
+  of their penultimate hidden states. The pooled
   ``text_embeds`` are global: the prompt as written, encoded by ``text_encoder_2`` with each
   concept at its ``clip_g.POOL`` vectors (one more row of the same call), or, when a concept in it
   has no POOL vectors (``xti.pooled = mean``) or there is no prompt, the mean of the layers'
@@ -58,62 +61,33 @@ the last bits; the images then agree to float precision, not bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-import json
 import logging
-import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from xti.attention import CONTEXTS_KWARG, XTIAttnProcessor, install_processors
-from xti.embeddings import (
-    eos_positions,
-    expansion_tokens,
-    install_token_embedding,
-    token_in_vocabulary,
-)
+from xti.embeddings import expansion_tokens, install_token_embedding, token_in_vocabulary
 from xti.errors import XTIError
-from xti.export import (
-    POOL_KEY,
-    SD1_LAYER_NAMES,
-    EmbeddingFile,
-    atomic_write_bytes,
-    load_embedding_file,
-    to_ti_vectors,
-)
+from xti.export import EmbeddingFile, load_embedding_file, names_list
+from xti.families import EncoderPart, ModelFamily, encode_layers, of_pipeline
 from xti.layers import LayerScheme, layer_scheme
-from xti.paths import check_output_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Concept",
-    "EncodedPrompts",
-    "XTIAdapter",
-    "export_kohya",
-    "export_ti",
-    "image_grid",
-    "inspect_embedding",
-    "load_pipeline",
-    "load_xti",
-    "parse_assignments",
-    "save_images",
-    "set_scheduler",
-]
+__all__ = ["Concept", "EncodedPrompts", "XTIAdapter", "load_xti", "match_layers"]
 
 PathLike = str | os.PathLike[str]
 Selection = str | Sequence[str]
 """A layer selection: names, groups, ranges (``"coarse"``, ``"IN07-OUT05"``, ``["MID", "0-3"]``)."""
-
-_MAX_NAMES_SHOWN = 20
 
 
 # ----------------------------------------------------------------------------- data classes
@@ -125,29 +99,28 @@ class Concept:
 
     Attributes:
         placeholder: the word that stands for it in prompts (``<cat-toy>``).
-        vectors: ``[L, n_vectors, d]`` float32, in the adapter's layer order.
+        encoder_vectors: ``{encoder: [L, n_vectors, d]}`` float32 in the adapter's layer order,
+            per text encoder of the family (``text``; SDXL ``clip_l`` and ``clip_g``).
         source: the file it came from (or ``"<memory>"``).
         metadata: the file's string metadata (empty for kohya files).
-        encoder_vectors: SDXL: ``{"clip_l": [L, n, 768], "clip_g": [L, n, 1280]}``
-            (``vectors`` is then the ``clip_l`` set); empty for SD 1.x/2.x.
         pool: SDXL: the ``[n, 1280]`` ``clip_g.POOL`` vectors used for the pooled
             ``text_embeds``; None when the pooled embeds are the mean over the layers'.
     """
 
     placeholder: str
-    vectors: torch.Tensor
+    encoder_vectors: dict[str, torch.Tensor]
     source: str
-    metadata: dict[str, str]
-    encoder_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
     pool: torch.Tensor | None = None
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """``[L, n, d]`` vectors of the first text encoder."""
+        return next(iter(self.encoder_vectors.values()))
 
     @property
     def n_vectors(self) -> int:
         return self.vectors.shape[1]
-
-    def vectors_for(self, key: str | None) -> torch.Tensor:
-        """``[L, n, d]`` vectors of one encoder slot (``None``: SD 1.x/2.x's only encoder)."""
-        return self.vectors if key is None else self.encoder_vectors[key]
 
 
 @dataclass
@@ -203,35 +176,6 @@ class EncodedPrompts:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _names(names: Sequence[str]) -> str:
-    names = list(names)
-    if len(names) <= _MAX_NAMES_SHOWN:
-        return ", ".join(names)
-    return f"{', '.join(names[:8])}, ... {', '.join(names[-4:])} ({len(names)} layers)"
-
-
-def _is_sdxl_pipeline(pipe: Any) -> bool:
-    unet = getattr(pipe, "unet", None)
-    addition = getattr(getattr(unet, "config", None), "addition_embed_type", None)
-    return getattr(pipe, "text_encoder_2", None) is not None or addition == "text_time"
-
-
-def _check_pipeline(pipe: Any) -> None:
-    for name in ("tokenizer", "text_encoder", "unet"):
-        if getattr(pipe, name, None) is None:
-            raise XTIError(
-                f"this pipeline ({type(pipe).__name__}) has no {name}; xti needs a Stable "
-                "Diffusion text-to-image pipeline (tokenizer, text_encoder, unet)"
-            )
-    if _is_sdxl_pipeline(pipe):
-        for name in ("tokenizer_2", "text_encoder_2"):
-            if getattr(pipe, name, None) is None:
-                raise XTIError(
-                    f"this SDXL pipeline ({type(pipe).__name__}) has no {name}; xti needs both "
-                    "SDXL text encoders (tokenizer, text_encoder, tokenizer_2, text_encoder_2)"
-                )
-
-
 def _as_list(value: str | Sequence[str], batch: int, what: str) -> list[str]:
     if isinstance(value, str):
         return [value] * batch
@@ -265,19 +209,20 @@ def _placeholder_regex(placeholders: Iterable[str]) -> re.Pattern[str] | None:
 
 
 class _EncoderSlot:
-    """One text encoder with the private tokenizer that knows the placeholder tokens.
+    """One text encoder of the pipeline with the private tokenizer that knows the placeholder
+    tokens (the pipeline's own tokenizer is never changed)."""
 
-    SD 1.x/2.x have one slot; SDXL will have two (``clip_l``, ``clip_g``), whose hidden states are
-    concatenated per layer.
-    """
-
-    def __init__(self, key: str | None, tokenizer: Any, text_encoder: nn.Module) -> None:
-        self.key = key
-        self.source_tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, part: EncoderPart) -> None:
+        self.name = part.name
+        self.source_tokenizer = part.tokenizer
+        self.text_encoder = part.text_encoder
         self.tokenizer: Any = None
         self.base_len = -1
         self.first_ids: dict[str, int] = {}
+
+    def part(self) -> EncoderPart:
+        """This encoder with the private tokenizer, for `xti.families.encode_layers`."""
+        return EncoderPart(self.name, self.tokenizer, self.text_encoder)
 
     def width(self) -> int:
         return int(self.text_encoder.get_input_embeddings().weight.shape[-1])
@@ -329,24 +274,21 @@ class XTIAdapter:
     Args:
         pipe: a ``StableDiffusionPipeline`` (SD 1.x / 2.x), a ``StableDiffusionXLPipeline``, or a
             pipeline built on either.
-        granularity: ``block`` (one layer per cross-attention block, the DESIGN §2 names).
+        granularity: ``block`` (one layer per cross-attention block, the DESIGN §2 names) or
+            ``transformer`` (one per transformer block); default: from the files loaded (``block``
+            until a ``transformer`` file is loaded).
     """
 
-    def __init__(self, pipe: Any, *, granularity: str = "block") -> None:
-        _check_pipeline(pipe)
+    def __init__(self, pipe: Any, *, granularity: str | None = None) -> None:
+        if granularity not in (None, "block", "transformer"):
+            raise XTIError(f"granularity must be block or transformer, got {granularity!r}")
+        self.family: ModelFamily = of_pipeline(pipe)
         self.pipe = pipe
-        self.scheme: LayerScheme = layer_scheme(
-            pipe.unet, "transformer" if granularity == "transformer" else "block"
-        )
-        self.is_sdxl = _is_sdxl_pipeline(pipe)
-        if self.is_sdxl:
-            self._slots = [
-                _EncoderSlot("clip_l", pipe.tokenizer, pipe.text_encoder),
-                _EncoderSlot("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
-            ]
-        else:
-            self._slots = [_EncoderSlot(None, pipe.tokenizer, pipe.text_encoder)]
+        self._fixed_scheme = granularity is not None
+        self.scheme: LayerScheme = layer_scheme(pipe.unet, granularity or "block")
+        self._slots = [_EncoderSlot(part) for part in self.family.encoders(pipe)]
         self._concepts: dict[str, Concept] = {}
+        self._files: dict[str, tuple[EmbeddingFile, str]] = {}
         self._loaded = True
         current = pipe.unet.attn_processors
         if any(isinstance(p, XTIAttnProcessor) for p in current.values()):
@@ -407,77 +349,60 @@ class XTIAdapter:
                 f"{where}: placeholder {name!r} is already loaded (from "
                 f"{self._concepts[name].source}); load it with another placeholder"
             )
-        if self.is_sdxl:
-            by_encoder, pool = self._sdxl_vectors_for_model(ef, where)
-            concept = Concept(
-                name, by_encoder["clip_l"], where, dict(ef.metadata), by_encoder, pool
-            )
-        else:
-            concept = Concept(name, self._vectors_for_model(ef, where), where, dict(ef.metadata))
+        self._fit_scheme(ef, where)
+        concept = self._concept(ef, name, where)
         candidate = [*self._concepts.values(), concept]
         for slot in self._slots:
             slot.sync(candidate)
         self._concepts[name] = concept
+        self._files[name] = (ef, where)
         return concept
 
-    def _vectors_for_model(self, ef: EmbeddingFile, where: str) -> torch.Tensor:
-        model_layers = self.scheme.names
-        if ef.is_sdxl:
+    def _fit_scheme(self, ef: EmbeddingFile, where: str) -> None:
+        """Switch to the transformer scheme when a file needs it and the adapter may (its
+        granularity came from the files); loaded block concepts are re-mapped onto it."""
+        if ef.model_family.specs != self.family.specs:
             raise XTIError(
-                f"{where}: an SDXL file (clip_l/clip_g keys) does not fit this SD 1.x/2.x "
-                f"pipeline (layers {_names(model_layers)})"
+                f"{where}: an {ef.model_family.label} file ({ef.family}, keys "
+                f"{names_list(list(ef.vectors))}) does not fit this {self.family.label} pipeline "
+                f"({', '.join(self.family.encoder_names)}; layers {names_list(self.layer_names)})"
             )
-        keys = _match_layers(ef.layers, self.scheme)
-        width = self._slots[0].width()
-        file_width = next(iter(ef.vectors.values())).shape[-1]
-        if keys is None:
-            raise XTIError(
-                f"{where}: its layers ({_names(ef.layers)}) do not fit this model's layers "
-                f"({_names(model_layers)})"
-            )
-        if file_width != width:
-            family = ef.metadata.get("xti.family", "unknown family")
-            raise XTIError(
-                f"{where}: its vectors are {file_width} wide ({family}) but this model's text "
-                f"encoder takes {width}-wide token embeddings"
-            )
-        return torch.stack([ef.vectors[k].float() for k in keys]).contiguous()
+        if self._fixed_scheme or match_layers(ef.layers, self.scheme) is not None:
+            return
+        finer = layer_scheme(self.pipe.unet, "transformer")
+        if self.scheme.granularity == "transformer" or match_layers(ef.layers, finer) is None:
+            return  # `_concept` names the mismatch
+        coarser = self.scheme
+        self.scheme = finer
+        try:
+            remapped = {p: self._concept(f, p, w) for p, (f, w) in self._files.items()}
+        except XTIError:
+            self.scheme = coarser
+            raise
+        self._concepts.update(remapped)
+        unet = self.pipe.unet
+        unet.set_attn_processor(_unwrapped(unet.attn_processors))
+        install_processors(unet, finer)
 
-    def _sdxl_vectors_for_model(
-        self, ef: EmbeddingFile, where: str
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        model_layers = self.scheme.names
-        if not ef.is_sdxl:
-            raise XTIError(
-                f"{where}: an SD 1.x/2.x file ({ef.family}, layers {_names(ef.layers)}) does not "
-                f"fit this SDXL pipeline (clip_l/clip_g, layers {_names(model_layers)})"
-            )
-        keys = _match_layers(ef.layers, self.scheme)
+    def _concept(self, ef: EmbeddingFile, name: str, where: str) -> Concept:
+        """The file's vectors in this adapter's layer order, checked against the encoders."""
+        keys = match_layers(ef.layers, self.scheme)
         if keys is None:
             raise XTIError(
-                f"{where}: its layers ({_names(ef.layers)}) do not fit this model's layers "
-                f"({_names(model_layers)})"
+                f"{where}: its layers ({names_list(ef.layers)}) do not fit this model's layers "
+                f"({names_list(self.layer_names)})"
             )
-        out: dict[str, torch.Tensor] = {}
+        vectors: dict[str, torch.Tensor] = {}
         for slot in self._slots:
-            assert slot.key is not None
-            width = slot.width()
-            stack = torch.stack([ef.layer_vectors(k, slot.key).float() for k in keys])
-            if stack.shape[-1] != width:
+            stack = torch.stack([ef.layer_vectors(k, slot.name).float() for k in keys])
+            if stack.shape[-1] != slot.width():
                 raise XTIError(
-                    f"{where}: its {slot.key} vectors are {stack.shape[-1]} wide but this "
-                    f"pipeline's {slot.key} text encoder takes {width}-wide token embeddings"
+                    f"{where}: its {slot.name} vectors are {stack.shape[-1]} wide ({ef.family}) "
+                    f"but this pipeline's {slot.name} text encoder takes {slot.width()}-wide "
+                    "token embeddings"
                 )
-            out[slot.key] = stack.contiguous()
-        pool = ef.vectors.get(POOL_KEY)
-        mode = ef.metadata.get("xti.pooled") or ("slot" if pool is not None else "mean")
-        if mode not in ("slot", "mean"):
-            raise XTIError(f"{where}: metadata xti.pooled must be slot or mean, got {mode!r}")
-        if mode == "slot" and pool is None:
-            raise XTIError(f"{where}: metadata xti.pooled is slot but the file has no {POOL_KEY}")
-        if pool is not None and pool.shape[-1] != out["clip_g"].shape[-1]:
-            raise XTIError(f"{where}: {POOL_KEY} has another width than the clip_g layers")
-        return out, (pool.float().contiguous() if mode == "slot" and pool is not None else None)
+            vectors[slot.name] = stack.contiguous()
+        return Concept(name, vectors, where, dict(ef.metadata), self.family.pool_vectors(ef, where))
 
     def _check_loaded(self) -> None:
         if not self._loaded:
@@ -497,7 +422,7 @@ class XTIAdapter:
         clip_skip: int | None = None,
         lora_scale: float | None = None,
     ) -> EncodedPrompts:
-        """Encode prompts into per-layer contexts with one text-encoder call.
+        """Encode prompts into per-layer contexts with one call per text encoder.
 
         Args:
             prompt: a prompt or a list of prompts (the batch); placeholders of loaded concepts
@@ -528,44 +453,30 @@ class XTIAdapter:
         concepts = list(self._concepts.values())
         for slot in self._slots:
             slot.sync(concepts)
-        num_layers = len(self.scheme)
         batch = _batch_size(prompt, layer_prompts)
-
-        # Per-layer prompt texts [L][B] and the negatives [B].
-        per_layer = self._layer_texts(prompt, layer_prompts, batch)
-        sides = [per_layer]
-        negs: list[str] = []
-        # SDXL's stock rule: no negative prompt given -> zero negative embeds and pooled embeds
+        # The stock rule of pipelines with force_zeros_for_empty_prompt (SDXL): no negative
+        # prompt -> zero negative contexts and pooled embeds
         zero_negatives = (
-            self.is_sdxl
-            and do_classifier_free_guidance
+            do_classifier_free_guidance
             and negative_prompt is None
             and bool(getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", 0))
         )
+        negs = None
         if do_classifier_free_guidance and not zero_negatives:
             negs = _as_list("" if negative_prompt is None else negative_prompt, batch, "negative")
-            sides.insert(0, [negs] * num_layers)
-        sides = self._apply_mix(sides, mix)
+        base = None if prompt is None else _as_list(prompt, batch, "prompt")
+        sides = self._sides(base, negs, layer_prompts, mix, batch)
+        encoded = self._encode(sides, ([negs] if negs else []) + [base], clip_skip, lora_scale)
 
         device = self.pipe._execution_device
-        pooled: torch.Tensor | None = None
-        if self.is_sdxl:
-            base = None if prompt is None else _as_list(prompt, batch, "prompt")
-            pool_texts = ([negs] if negs else []) + [base]
-            hidden, pooled, num_sequences = self._encode_sdxl(
-                sides, pool_texts, clip_skip, lora_scale
-            )
-            dtype = self._slots[1].text_encoder.dtype
+        hidden, pooled = encoded.contexts, encoded.pooled  # [S, L, B, T, D], [S, B, P]
+        if pooled is not None:
             pooled = pooled.to(device=device)
-            if zero_negatives:
-                hidden = torch.cat([torch.zeros_like(hidden), hidden])
-                pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        else:
-            slot = self._slots[0]
-            hidden, _, num_sequences = self._encode_slot(slot, sides, clip_skip, lora_scale)
-            dtype = slot.text_encoder.dtype
-        # hidden: [S, L, B, T, D]; pooled: [S, B, P] (SDXL)
-        hidden = hidden.to(device=device, dtype=dtype)
+        if zero_negatives:
+            hidden = torch.cat([torch.zeros_like(hidden), hidden])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled]) if pooled is not None else None
+        # the dtype of the stock encode_prompt's embeds: the (last) text encoder's
+        hidden = hidden.to(device=device, dtype=self._slots[-1].text_encoder.dtype)
         pos = hidden[-1]
         neg = hidden[0] if do_classifier_free_guidance else None
         n = num_images_per_prompt
@@ -577,81 +488,91 @@ class XTIAdapter:
             contexts=contexts.contiguous(),
             num_images_per_prompt=n,
             do_classifier_free_guidance=do_classifier_free_guidance,
-            num_sequences=num_sequences,
+            num_sequences=encoded.num_sequences,
             pooled_prompt_embeds=pooled[-1] if pooled is not None else None,
             negative_pooled_prompt_embeds=(
                 pooled[0] if pooled is not None and do_classifier_free_guidance else None
             ),
         )
 
-    def _encode_sdxl(
+    def _encode(
         self,
         sides: list[list[list[str]]],
         pool_texts: list[list[str] | None],
         clip_skip: int | None,
         lora_scale: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """SDXL contexts ``[S, L, B, T, D1 + D2]`` and pooled ``text_embeds`` ``[S, B, P]``.
+    ) -> Any:
+        """Tokenize every side's per-layer texts, shift concept tokens to per-layer ids and run
+        the shared per-layer encoder (`xti.families.encode_layers`).
 
-        Each layer's context concatenates both encoders' hidden states for that layer's texts
-        and vectors. The pooled embeds of a side come from an extra ``POOL`` row of the second
-        encoder (the prompt as written, concepts at their ``clip_g.POOL`` vectors) when there is
-        a prompt and every concept in it has POOL vectors; otherwise they are the mean over the
-        layers' pooled outputs. Each encoder runs once.
+        An encoder with a POOL slot (SDXL's ``clip_g``) gets one more row per side, the prompt as
+        written with each concept at its POOL vectors, when there is a prompt and every concept in
+        it has POOL vectors; the pooled embeds then come from that row, otherwise from the mean
+        over the layers'.
         """
-        num_layers = len(sides[0])
+        num_layers = len(self.scheme)
         pattern = _placeholder_regex(self._concepts)
-        use_slot = all(t is not None for t in pool_texts)
-        if use_slot and pattern is not None:
-            for texts in pool_texts:
-                for text in texts or ():
-                    for m in pattern.finditer(text):
-                        if self._concepts[m.group(0)].pool is None:
-                            use_slot = False
-        slot_l, slot_g = self._slots
-        h1, _, n1 = self._encode_slot(slot_l, sides, clip_skip, lora_scale)
-        sides_g = sides
-        if use_slot:
-            sides_g = [[*side, texts] for side, texts in zip(sides, pool_texts, strict=True)]
-        h2, pooled, n2 = self._encode_slot(
-            slot_g, sides_g, clip_skip, lora_scale, pool_row=use_slot
-        )
-        if clip_skip:  # [S, L, B, 2, T, D]: as stock, clip_skip for prompts, -2 for negatives
-            h1 = torch.stack([h1[s, :, :, int(s < len(sides) - 1)] for s in range(len(sides))])
-            h2 = torch.stack([h2[s, :, :, int(s < len(sides) - 1)] for s in range(len(sides))])
-        assert pooled is not None  # [S, L(+1), B, width]: EOS hidden states, not yet projected
-        # The projection runs per side on [B, width], the shapes of the stock encode_prompt: a
-        # matmul over one row takes another CPU kernel than over several, and its last bits
-        # differ, so projecting all rows in one call would not be bit-identical to stock.
-        projection = slot_g.text_encoder.text_projection
-        with torch.no_grad():
-            rows = [num_layers] if use_slot else list(range(num_layers))
-            pooled = torch.stack(
-                [torch.stack([projection(pooled[s, i]) for i in rows]) for s in range(len(sides))]
-            )  # [S, 1 or L, B, P]
-        if h2.dtype != h1.dtype:  # as torch.concat in the stock encode_prompt
-            common = torch.promote_types(h1.dtype, h2.dtype)
-            h1, h2 = h1.to(common), h2.to(common)
-        contexts = torch.cat([h1, h2[:, :num_layers].to(h1.device)], dim=-1)
-        if use_slot:
-            pooled_out = pooled[:, 0]
-        else:
-            layer_pooled = pooled  # [S, L, B, P]
-            same = (layer_pooled == layer_pooled[:, :1]).all(dim=-1).all(dim=1)  # [S, B]
-            # equal layers give exactly their pooled output (a mean of equal floats may not)
-            pooled_out = torch.where(
-                same.unsqueeze(-1), layer_pooled[:, 0], layer_pooled.mean(dim=1)
+        use_pool = all(t is not None for t in pool_texts)
+        if use_pool and pattern is not None:
+            used = {
+                m.group(0) for texts in pool_texts for t in texts or () for m in pattern.finditer(t)
+            }
+            use_pool = all(self._concepts[p].pool is not None for p in used)
+        ids: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        tables: dict[str, tuple[torch.Tensor, int] | None] = {}
+        for slot in self._slots:
+            pool_row = (
+                use_pool and self.family.vector_sets(slot.name, num_layers, "slot") > num_layers
             )
-        return contexts, pooled_out, max(n1, n2)
+            texts = (
+                [[*side, t] for side, t in zip(sides, pool_texts, strict=True)]
+                if pool_row
+                else sides
+            )
+            slot_ids, masks[slot.name] = self._tokenize(slot, texts)
+            ids[slot.name], tables[slot.name] = self._layer_ids(slot, slot_ids, pool_row=pool_row)
+
+        @contextlib.contextmanager
+        def around_call(part: EncoderPart) -> Iterator[None]:
+            with _encoder_call(part.text_encoder, tables[part.name], lora_scale):
+                yield
+
+        with torch.no_grad():
+            return encode_layers(
+                self.family,
+                [slot.part() for slot in self._slots],
+                ids,
+                num_layers=num_layers,
+                masks=masks,
+                pool_row=use_pool,
+                clip_skip=clip_skip,
+                device=self.pipe._execution_device,
+                around_call=around_call,
+            )
+
+    def _sides(
+        self,
+        prompts: list[str] | None,
+        negatives: list[str] | None,
+        layer_prompts: Mapping[Any, str | Sequence[str]] | None,
+        mix: Mapping[str, Selection] | None,
+        batch: int,
+    ) -> list[list[list[str]]]:
+        """The texts ``[side][layer][batch]``: the negatives (when given), then the prompts, per
+        layer (per-layer prompts applied), with mixed placeholders filled per layer."""
+        sides = [self._layer_texts(prompts, layer_prompts, batch)]
+        if negatives is not None:
+            sides.insert(0, [negatives] * len(self.scheme))
+        return self._apply_mix(sides, mix)
 
     def _layer_texts(
         self,
-        prompt: str | Sequence[str] | None,
+        base: list[str] | None,
         layer_prompts: Mapping[Any, str | Sequence[str]] | None,
         batch: int,
     ) -> list[list[str]]:
         num_layers = len(self.scheme)
-        base = None if prompt is None else _as_list(prompt, batch, "prompt")
         texts: list[list[str] | None] = [base] * num_layers
         for selection, value in (layer_prompts or {}).items():
             spec = list(selection) if isinstance(selection, (tuple, list)) else str(selection)
@@ -664,7 +585,7 @@ class XTIAdapter:
         missing = [self.scheme.names[i] for i, t in enumerate(texts) if t is None]
         if missing:
             raise XTIError(
-                f"no prompt for layers {_names(missing)}: give a prompt, or layer prompts that "
+                f"no prompt for layers {names_list(missing)}: give a prompt, or layer prompts that "
                 "cover every layer (e.g. 'all')"
             )
         return texts  # type: ignore[return-value]
@@ -712,22 +633,13 @@ class XTIAdapter:
             text,
         )
 
-    def _encode_slot(
-        self,
-        slot: _EncoderSlot,
-        sides: list[list[list[str]]],
-        clip_skip: int | None,
-        lora_scale: float | None,
-        *,
-        pool_row: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Hidden states ``[S, L, B, T, D]`` of one encoder for all texts, in one call, and for
-        SDXL's second encoder its final hidden states at EOS ``[S, L, B, width]`` (else None).
-
-        ``pool_row``: the last "layer" of ``sides`` is SDXL's POOL row (concepts read their
-        ``pool`` vectors there)."""
+    def _tokenize(
+        self, slot: _EncoderSlot, sides: list[list[list[str]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and attention masks ``[S, R, B, T]`` of one encoder for all texts (each distinct
+        text tokenized once)."""
         tokenizer = slot.tokenizer
-        num_sides, num_layers, batch = len(sides), len(sides[0]), len(sides[0][0])
+        num_sides, num_rows, batch = len(sides), len(sides[0]), len(sides[0][0])
         texts = [t for side in sides for layer in side for t in layer]
         distinct = list(dict.fromkeys(texts))
         expanded = [self._expand(t, slot) for t in distinct]
@@ -738,53 +650,27 @@ class XTIAdapter:
         _warn_truncated(tokenizer, expanded, max_len)
         row_of = {t: i for i, t in enumerate(distinct)}
         rows = torch.tensor([row_of[t] for t in texts])
-        ids = enc.input_ids[rows].view(num_sides, num_layers, batch, -1)
-        mask = enc.attention_mask[rows].view(num_sides, num_layers, batch, -1)
-        ids, table, first = self._layer_ids(slot, ids, pool_row=pool_row)
-
-        # Encode each distinct id row once, in order of first appearance.
-        flat = ids.reshape(-1, ids.shape[-1])
-        index_of: dict[tuple[int, ...], int] = {}
-        first_rows: list[int] = []
-        inverse: list[int] = []
-        for r, row in enumerate(flat.tolist()):
-            key = tuple(row)
-            if key not in index_of:
-                index_of[key] = len(first_rows)
-                first_rows.append(r)
-            inverse.append(index_of[key])
-        keep = torch.tensor(first_rows)
-        hidden, pooled = self._run_encoder(
-            slot,
-            flat[keep],
-            mask.reshape(-1, mask.shape[-1])[keep],
-            table,
-            first,
-            clip_skip,
-            lora_scale,
-        )
-        back = torch.tensor(inverse, device=hidden.device)
-        out = hidden[back].view(num_sides, num_layers, batch, *hidden.shape[1:])
-        if pooled is not None:
-            pooled = pooled[back.to(pooled.device)].view(num_sides, num_layers, batch, -1)
-        return out, pooled, len(first_rows)
+        shape = (num_sides, num_rows, batch, -1)
+        return enc.input_ids[rows].view(shape), enc.attention_mask[rows].view(shape)
 
     def _layer_ids(
         self, slot: _EncoderSlot, ids: torch.Tensor, *, pool_row: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
         """Shift concept token ids to per-layer virtual ids.
 
-        Returns ``(ids, table, first)``: ``table`` is ``[V, N, d]`` (V = layers, plus SDXL's POOL
-        row with ``pool_row``; N = all concept tokens in id order) read by id ``first + v·N + k``;
-        layers whose vector k equals an earlier layer's bitwise use that layer's variant, so
-        equal layers give equal rows.
+        Returns ``(ids, (table, first))``: ``table`` is the flat ``[V·N, d]`` form of ``[V, N, d]``
+        (V = layers, plus the POOL row with ``pool_row``; N = all concept tokens in id order), read
+        by id ``first + v·N + k``; layers whose vector k equals an earlier layer's bitwise use that
+        layer's variant, so equal layers give equal rows. No concepts: ``(ids, None)``.
         """
         concepts = list(self._concepts.values())
         if not concepts:
-            return ids, None, 0
-        table = torch.cat([c.vectors_for(slot.key) for c in concepts], dim=1)  # [L, N, d]
+            return ids, None
+        table = torch.cat([c.encoder_vectors[slot.name] for c in concepts], dim=1)  # [L, N, d]
         if pool_row:
-            pools = [c.pool if c.pool is not None else c.vectors_for(slot.key)[0] for c in concepts]
+            pools = [
+                c.pool if c.pool is not None else c.encoder_vectors[slot.name][0] for c in concepts
+            ]
             table = torch.cat([table, torch.cat(pools).unsqueeze(0)])
         first = slot.first_ids[concepts[0].placeholder]
         num_layers, total = table.shape[0], table.shape[1]
@@ -798,56 +684,7 @@ class XTIAdapter:
         layer = torch.arange(num_layers).view(1, num_layers, 1, 1).expand_as(ids)
         variant = canon[layer, rel.clamp(0, total - 1)]
         shifted = torch.where(is_concept, first + variant * total + rel, ids)
-        return shifted, table, first
-
-    def _run_encoder(
-        self,
-        slot: _EncoderSlot,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        table: torch.Tensor | None,
-        first: int,
-        clip_skip: int | None,
-        lora_scale: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        te = slot.text_encoder
-        device = self.pipe._execution_device
-        use_mask = bool(getattr(te.config, "use_attention_mask", False))
-        handle = None
-        if table is not None:
-            flat = table.reshape(-1, table.shape[-1])
-            handle = install_token_embedding(te, first, lambda: flat)
-        scaled = _scale_lora(te, lora_scale)
-        pooled = None
-        try:
-            with torch.no_grad():
-                kwargs: dict[str, Any] = {}
-                if use_mask:
-                    kwargs["attention_mask"] = mask.to(device)
-                if self.is_sdxl:
-                    # as the stock SDXL encode_prompt: penultimate (or clip_skip) hidden states,
-                    # no final layer norm; pooled from the 2nd encoder at the true EOS position
-                    out = te(ids.to(device), output_hidden_states=True, **kwargs)
-                    hidden = out.hidden_states[-((clip_skip or 0) + 2)]
-                    if clip_skip:  # stock encodes negatives at -2 whatever clip_skip says
-                        hidden = torch.stack([hidden, out.hidden_states[-2]], dim=1)
-                    if slot.key == "clip_g":
-                        # the final hidden state at the true EOS position; projected later in
-                        # the stock pipeline's batch shapes (see `_encode_sdxl`)
-                        last = out.last_hidden_state
-                        pos = eos_positions(ids, slot.tokenizer.eos_token_id).to(last.device)
-                        pooled = last[torch.arange(last.shape[0], device=last.device), pos]
-                elif clip_skip is None:
-                    hidden = te(ids.to(device), **kwargs)[0]
-                else:
-                    out = te(ids.to(device), output_hidden_states=True, **kwargs)
-                    hidden = _final_layer_norm(te)(out.hidden_states[-(clip_skip + 1)])
-        finally:
-            if scaled:
-                _unscale_lora(te, lora_scale)
-            if handle is not None:
-                handle.remove()
-        return hidden, pooled
+        return shifted, (table.reshape(-1, table.shape[-1]), first)
 
     # ------------------------------------------------------------------ running
 
@@ -923,6 +760,7 @@ class XTIAdapter:
         if any(isinstance(p, XTIAttnProcessor) for p in current.values()):
             unet.set_attn_processor(_unwrapped(current))
         self._concepts.clear()
+        self._files.clear()
         self._loaded = False
 
     def __enter__(self) -> XTIAdapter:
@@ -941,26 +779,47 @@ def _unwrapped(processors: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _match_layers(file_layers: Sequence[str], scheme: LayerScheme) -> list[str] | None:
-    """The file's keys in the scheme's order, or None when they do not fit."""
+def match_layers(file_layers: Sequence[str], scheme: LayerScheme) -> list[str] | None:
+    """For each layer of the scheme, the file's layer that holds its vectors; None when the file
+    does not fit.
+
+    A file fits when its layers are the scheme's; or, on a ``block`` scheme whose layers have one
+    transformer block each, the transformer names (``IN01.0``); or, on a ``transformer`` scheme,
+    the block names (each transformer block takes its block's vectors).
+    """
     names = scheme.names
-    if set(file_layers) == set(names) and len(file_layers) == len(names):
+    given = set(file_layers)
+    if len(given) != len(file_layers):
+        return None
+    if given == set(names):
         return list(names)
-    # transformer-granularity names (IN01.0) of a model with one transformer block per layer
-    if all(len(layer.cross_attention_paths) == 1 for layer in scheme.layers):
-        dotted = [f"{n}.0" for n in names]
-        if set(file_layers) == set(dotted) and len(file_layers) == len(dotted):
-            return dotted
-    return None
+    if scheme.granularity == "block":
+        if all(len(layer.cross_attention_paths) == 1 for layer in scheme.layers):
+            dotted = [f"{n}.0" for n in names]
+            if given == set(dotted):
+                return dotted
+        return None
+    blocks = [n.rsplit(".", 1)[0] for n in names]
+    return blocks if given == set(blocks) else None
 
 
-def _final_layer_norm(text_encoder: nn.Module) -> nn.Module:
-    norm = getattr(text_encoder, "final_layer_norm", None)
-    if norm is None:
-        norm = getattr(getattr(text_encoder, "text_model", None), "final_layer_norm", None)
-    if norm is None:
-        raise XTIError("clip_skip: this text encoder has no final_layer_norm")
-    return norm
+@contextlib.contextmanager
+def _encoder_call(
+    text_encoder: Any, table: tuple[torch.Tensor, int] | None, lora_scale: float | None
+) -> Iterator[None]:
+    """Around one text-encoder call: the concept table installed, LoRA layers scaled."""
+    handle = None
+    if table is not None:
+        flat, first = table
+        handle = install_token_embedding(text_encoder, first, lambda: flat)
+    scaled = _scale_lora(text_encoder, lora_scale)
+    try:
+        yield
+    finally:
+        if scaled:
+            _unscale_lora(text_encoder, lora_scale)
+        if handle is not None:
+            handle.remove()
 
 
 def _scale_lora(text_encoder: nn.Module, scale: float | None) -> bool:

@@ -30,11 +30,11 @@ from xti.demo.builders import BUILTIN_PREFIX, resolve_builtin
 from xti.errors import XTIError
 from xti.families import (
     SD1,
-    SDXL,
     EncoderPart,
     EncoderSpec,
     ModelFamily,
     detect,
+    of_specs,
     resolve,
     specs_of_index,
 )
@@ -200,8 +200,12 @@ def _load_components(
     weights: dict[str, Any] = dict(common)
     if cfg.variant:
         weights["variant"] = cfg.variant
+    specs = _encoder_specs(location, common)
+    resolve(
+        cfg.family, of_specs(specs), source
+    )  # a contradicting model.family fails before loading
     parts: dict[str, Any] = {}
-    for spec in _encoder_specs(location, common):
+    for spec in specs:
         encoder_class = CLIPTextModelWithProjection if spec.projection else CLIPTextModel
         parts[spec.tokenizer] = _load(
             source,
@@ -311,9 +315,7 @@ def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
             )
 
     # the family of the config folder's layout (SD 1.x/2.x without one)
-    family = (
-        SD1 if not local_config else SDXL if _encoder_specs(str(config), {}) == SDXL.specs else SD1
-    )
+    family = of_specs(_encoder_specs(str(config), {}) if local_config else SD1.specs)
     pipeline_class = family.pipeline_type()
     extra = family.pipeline_extra()
     # With local_files_only=True and no config, diffusers would fall back to downloading; a local

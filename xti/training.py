@@ -1,33 +1,46 @@
 """The training step maths and the one `train()` loop (DESIGN §3).
 
-The step is built from small pure functions that tests check one by one:
+The step is built from small pure functions:
 
 * `step_generator` / `sample_batch`: everything random about a micro-step (which image, which
   augmentation, which prompt, latent sample, noise, timesteps) is a function of ``(seed, micro-step)``
   alone. The *global* batch is drawn and each process takes its slice, so resuming is exact and
   N processes × B images equal one process × N·B images.
 * `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR).
-* `compute_loss`: encode per-layer contexts in one text-encoder call, run the UNet with them.
+* `compute_loss`: encode per-layer contexts (each text encoder runs once, through the per-layer
+  encoder inference shares, `xti.embeddings.encode_per_layer`), run the UNet with them.
 * the KDE term (`xti.kde.add_relative_kde_gradient`) joins the gradient once per optimizer step,
-  scaled relative to the complete diffusion gradient; `frozen_fraction` watches for runs that
+  scaled relative to the complete diffusion gradient; `warn_if_frozen` watches for runs that
   do not move.
 
-`train()` wires these into an Accelerate loop: mixed precision with fp32 vectors, gradient
-accumulation, DDP over the vectors only, checkpoints and exact resume, snapshots, export, metrics.
-What makes a run trustworthy on disk (folder lock and ownership, run identity, pickle-free
-checkpoints, stop signals, non-finite guards) lives in `xti.runs`; `train()` calls it.
+``tests/test_step_maths.py`` checks the sampling and objective functions one by one against their
+formulas; `compute_loss` and the loop are checked end to end (shared mode against an independent
+textual-inversion step, exact resume, DDP against one process) in ``tests/test_training.py`` and
+others. Whatever differs between SD 1.x/2.x and SDXL (text encoders, pooled embeds, ``time_ids``,
+file keys, the validation pipeline) the model's `xti.families.ModelFamily` answers.
+
+`train()` wires these into an Accelerate loop, a `Trainer` made of small steps (setup, optimizer
+step, after-step events: log, validate, checkpoint, snapshot; after-run events: summary, model
+card, run record): mixed precision with fp32 vectors, gradient accumulation, DDP over the vectors
+only, checkpoints and exact resume, snapshots, export, metrics. What makes a run trustworthy on
+disk (folder lock and ownership, run identity, pickle-free checkpoints, stop signals, non-finite
+guards) lives in `xti.runs`; the `Trainer` calls it. Everything it changes on the caller's models
+(concept embeddings, attention processors, gradient checkpointing) and Accelerate's process-wide
+state is undone on every way out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +65,6 @@ from xti.embeddings import (
     PlaceholderTokens,
     add_placeholder_tokens,
     encode_per_layer,
-    encode_sdxl_per_layer,
     initializer_vectors,
     install_token_embedding,
     layer_variants,
@@ -66,6 +78,8 @@ from xti.export import (
     load_embedding_file,
     save_embedding_file,
 )
+from xti.families import EncoderPart, ModelFamily
+from xti.inference import match_layers
 from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
 from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
@@ -97,53 +111,55 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 class Batch:
     """One process's share of a micro-step: latents, noise, timesteps and prompt ids.
 
-    SDXL batches also carry the second tokenizer's ids and the per-sample ``time_ids`` (original
-    size, crop top-left, target size).
+    ``ids`` holds the prompts' ``[B, T]`` token ids per text encoder (keyed by encoder name:
+    ``text``, or ``clip_l`` and ``clip_g``); ``time_ids`` the per-sample ``[B, 6]`` size
+    conditioning (original size, crop top-left, target size) of families that use it (SDXL).
     """
 
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
-    input_ids: torch.Tensor
+    ids: dict[str, torch.Tensor]
     image_ids: torch.Tensor
-    input_ids_2: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()
-        }
-        return Batch(**moved)
+        return Batch(
+            latents=self.latents.to(device),
+            noise=self.noise.to(device),
+            timesteps=self.timesteps.to(device),
+            ids={name: ids.to(device) for name, ids in self.ids.items()},
+            image_ids=self.image_ids.to(device),
+            time_ids=self.time_ids.to(device) if self.time_ids is not None else None,
+        )
 
 
 @dataclass
 class PromptTable:
-    """All prompts tokenized once: ``ids[P, T]`` and, per image, the rows it may use.
+    """All prompts tokenized once: per text encoder ``ids[name]: [P, T]`` and, per image, the rows
+    it may use."""
 
-    ``ids_2`` holds the same prompts through SDXL's second tokenizer (None otherwise).
-    """
-
-    ids: torch.Tensor
+    ids: dict[str, torch.Tensor]
     first_row: torch.Tensor  # [num_images] first row of each image's prompts
     count: torch.Tensor  # [num_images] number of prompts of each image
-    ids_2: torch.Tensor | None = None
 
     @classmethod
     def build(
         cls,
-        tokenizer,
+        tokenizers: Mapping[str, Any],
         prompts: list[list[str]],
-        tokens: PlaceholderTokens,
-        tokenizer_2=None,
-        tokens_2: PlaceholderTokens | None = None,
+        tokens: Mapping[str, PlaceholderTokens],
     ) -> PromptTable:
+        """Tokenize every image's prompts with each encoder's tokenizer (``{name: tokenizer}``),
+        the placeholder expanded to that tokenizer's tokens (``{name: PlaceholderTokens}``)."""
         flat = [p for per_image in prompts for p in per_image]
         count = torch.tensor([len(p) for p in prompts])
         first = torch.cumsum(count, 0) - count
-        ids_2 = None
-        if tokenizer_2 is not None and tokens_2 is not None:
-            ids_2 = tokenize(tokenizer_2, [tokens_2.expand(p) for p in flat])
-        return cls(tokenize(tokenizer, [tokens.expand(p) for p in flat]), first, count, ids_2)
+        ids = {
+            name: tokenize(tok, [tokens[name].expand(p) for p in flat])
+            for name, tok in tokenizers.items()
+        }
+        return cls(ids, first, count)
 
 
 def sample_batch(
@@ -162,7 +178,8 @@ def sample_batch(
 ) -> Batch:
     """Draw the global batch of a micro-step and return this process's slice.
 
-    With `resolution` and a cache that knows crop positions, the batch carries SDXL ``time_ids``.
+    With `resolution` (the trainer passes it when the family `uses_time_ids`) and a cache that
+    knows crop positions, the batch carries ``time_ids``.
     """
     g = step_generator(seed, micro_step)
     num_images = len(prompts.count)
@@ -182,15 +199,13 @@ def sample_batch(
         time_ids = torch.cat([original[aug], cache.crop_top_left[aug], target], dim=1).float()
     per = global_batch // world_size
     s = slice(rank * per, (rank + 1) * per)
-    ids_2 = prompts.ids_2[rows][s] if prompts.ids_2 is not None else None
     return Batch(
-        latents[s],
-        noise[s],
-        timesteps[s],
-        prompts.ids[rows][s],
-        image_ids[s],
-        ids_2,
-        time_ids[s] if time_ids is not None else None,
+        latents=latents[s],
+        noise=noise[s],
+        timesteps=timesteps[s],
+        ids={name: table[rows][s] for name, table in prompts.ids.items()},
+        image_ids=image_ids[s],
+        time_ids=time_ids[s] if time_ids is not None else None,
     )
 
 
@@ -237,22 +252,21 @@ def diffusion_loss(
 class StepModels:
     """The frozen models and concept wiring that one step needs.
 
-    For SDXL, ``text_encoder_2``/``tokens_2`` are the second encoder, ``pooled`` says where the
-    pooled ``text_embeds`` come from (``slot`` or ``mean``) and ``eos_id`` is its tokenizer's EOS.
+    ``parts`` are the family's text encoders (carrying the concept's token embedding) and
+    ``tokens`` each one's placeholder tokens, keyed by encoder name; ``pooled`` says where SDXL's
+    pooled ``text_embeds`` come from (``slot`` or ``mean``, see `ModelFamily.vector_sets`).
     """
 
+    family: ModelFamily
+    parts: list[EncoderPart]
     unet: nn.Module
-    text_encoder: nn.Module
     scheduler: Any
-    tokens: PlaceholderTokens
+    tokens: dict[str, PlaceholderTokens]
     variant_of_layer: torch.Tensor
     num_variants: int
     prediction_type: str
     dtype: torch.dtype = torch.float32
-    text_encoder_2: nn.Module | None = None
-    tokens_2: PlaceholderTokens | None = None
     pooled: str = "slot"
-    eos_id: int = 49407
 
 
 def compute_loss(
@@ -272,22 +286,10 @@ def compute_loss(
     Returns:
         The scalar loss and a dict of detached parts: ``mse``.
     """
-    added_cond = None
-    if m.text_encoder_2 is None:
-        contexts = encode_per_layer(
-            m.text_encoder, batch.input_ids, m.tokens, m.variant_of_layer, m.num_variants
-        )
-    else:
-        contexts, pooled = encode_sdxl_per_layer(
-            (m.text_encoder, m.text_encoder_2),
-            (batch.input_ids, batch.input_ids_2),
-            (m.tokens, m.tokens_2),
-            m.variant_of_layer,
-            m.num_variants,
-            m.eos_id,
-            m.pooled,
-        )
-        added_cond = {"text_embeds": pooled.to(m.dtype), "time_ids": batch.time_ids.to(m.dtype)}
+    contexts, pooled = encode_per_layer(
+        m.family, m.parts, batch.ids, m.tokens, m.variant_of_layer, m.num_variants, m.pooled
+    )
+    added_cond = m.family.added_cond(pooled, batch.time_ids, m.dtype)
     contexts = contexts.to(m.dtype)
     noisy = m.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
     pred = m.unet(
@@ -315,23 +317,23 @@ FROZEN_THRESHOLD = 0.01
 
 def build_kdes(
     cfg: Config,
-    encoders: list[tuple[str, Any, nn.Module]],
-    embeddings: dict[str, nn.Embedding],
+    parts: Sequence[EncoderPart],
+    embeddings: Mapping[str, nn.Embedding],
 ) -> dict[str, KDERegularizer]:
     """One KDE per text encoder over its reference rows (`kde.reference`, `kde.bandwidth`), built
     where the embedding table lives (before the models move: bad reference words fail early)."""
     out = {}
-    for name, tok, _ in encoders:
+    for part in parts:
         try:
             reg = KDERegularizer.from_reference(
-                embeddings[name].weight, tok, cfg.kde.reference, cfg.kde.bandwidth
+                embeddings[part.name].weight, part.tokenizer, cfg.kde.reference, cfg.kde.bandwidth
             )
         except ValueError as e:
-            raise XTIError(f"{e} ({name} text encoder)") from None
+            raise XTIError(f"{e} ({part.name} text encoder)") from None
         logger.info(
-            "KDE (%s): %d reference rows, bandwidth h=%.4g", name, reg.num_vocab, reg.bandwidth
+            "KDE (%s): %d reference rows, bandwidth h=%.4g", part.name, reg.num_vocab, reg.bandwidth
         )
-        out[name] = reg
+        out[part.name] = reg
     return out
 
 
@@ -423,28 +425,6 @@ def _check_resolution(cfg: Config, vae) -> None:
         )
 
 
-def export_vectors(
-    vectors: dict[str, torch.Tensor],
-    variant_of_layer: torch.Tensor,
-    scheme: LayerScheme,
-    num_variants: int,
-) -> dict[str, torch.Tensor]:
-    """The embedding file's tensors (DESIGN §6) from ``{encoder: [V(+1), n, d]}`` vectors.
-
-    SD 1.x/2.x (one encoder, ``text``): ``{layer: [n, d]}``. SDXL: ``{"clip_l.<layer>": …,
-    "clip_g.<layer>": …}`` plus ``clip_g.POOL`` when the second encoder has the extra slot.
-    """
-    out: dict[str, torch.Tensor] = {}
-    prefix = len(vectors) > 1
-    for enc, tensor in vectors.items():
-        v = tensor.detach().float().cpu()
-        for i, layer in enumerate(scheme.names):
-            out[f"{enc}.{layer}" if prefix else layer] = v[int(variant_of_layer[i])].clone()
-        if v.shape[0] > num_variants:
-            out[f"{enc}.POOL"] = v[num_variants].clone()
-    return out
-
-
 def train(
     cfg: Config,
     *,
@@ -463,6 +443,8 @@ def train(
         cfg: the validated run configuration.
         bundle: an already loaded model to train against (default: load ``cfg.model``). Its
             tokenizer gains the placeholder tokens; its models are frozen and moved to the device.
+            The concept embeddings and attention processors installed for training are removed
+            again on every way out.
         progress: show a progress bar on the main process.
         stop_at_step: stop (after checkpointing, if due) once this step is reached, as if interrupted;
             the final export is skipped. For chunked runs and resume tests.
@@ -474,562 +456,728 @@ def train(
         XTIError: bad input, detected before anything is written; or a diverged run (non-finite
             loss or vectors), stopped without exporting.
     """
-    with contextlib.ExitStack() as cleanup:
-        return _train(
-            cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step, cleanup=cleanup
+    with Trainer(cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step) as trainer:
+        trainer.setup()
+        trainer.run_steps()
+        return trainer.finish()
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did: what the after-step events (log, validate, ...) look at."""
+
+    step: int
+    loss: float  # mean over micro-steps and processes
+    loss_parts: dict[str, torch.Tensor]  # the last micro-step's (`compute_loss`)
+    grad_norm: torch.Tensor  # after the KDE term and clipping
+    kde_stats: dict[str, KDEStats] | None  # when the KDE gradient was applied
+    seconds: float
+
+
+class Trainer:
+    """One `train()` run, in small steps; all its state lives in its attributes.
+
+    `setup` checks the input and builds everything (config, models, data, concept, optimizer),
+    `run_steps` runs the optimizer steps, each followed by the `after_step` events (log, validate,
+    checkpoint and snapshot when due), and `finish` exports and runs the `after_run` events
+    (summary, model card, run record). Used as a context manager: on every way out (an error, a
+    stop signal, the end) `cleanup` puts back what the run changed on the caller's models (concept
+    embeddings, attention processors, gradient checkpointing), restores the signal handlers,
+    releases the folder lock and forgets Accelerate's process-wide settings.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        bundle: ModelBundle | None = None,
+        progress: bool = True,
+        stop_at_step: int | None = None,
+    ) -> None:
+        self.t0 = time.perf_counter()
+        self.process_age = _process_age()  # seconds from the process start to this call
+        self.cfg, self.tc, self.bundle = cfg, cfg.train, bundle
+        self.progress, self.stop_at_step = progress, stop_at_step
+        self.out = Path(cfg.output_dir).expanduser()
+        self.name = cfg.concept_name
+        self.cleanup = contextlib.ExitStack()
+        self.hooks: list[Any] = []  # installed concept embeddings and processors
+        self.step = self.start_step = 0
+        self.losses: list[tuple[int, float]] = []
+        self.step_seconds: list[float] = []  # this process's steps: bar, summary, model card
+        self.setup_seconds: float | None = None
+        self.saved_checkpoint: Path | None = None  # the newest checkpoint this run wrote
+        self.saved_step: int | None = None  # the step of the newest checkpoint
+        self.last_grid: Path | None = None  # the newest validation grid
+        self.owner: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self.after_step: list[Callable[[StepOutcome], None]] = [
+            self.log_if_due,
+            self.validate_if_due,
+            self.checkpoint_if_due,
+            self.snapshot_if_due,
+        ]
+        self.after_run: list[Callable[[TrainResult], None]] = [
+            self.write_summary,
+            self.write_model_card,
+            self.record_end,
+        ]
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return self.cleanup.__exit__(*exc)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Everything that can fail on bad input happens before the first write, and what needs no
+        model (output folder, resume checkpoint, validation files, images) before the model loads."""
+        self.check_inputs()
+        self.setup_concept()
+        self.setup_accelerator()
+        self.claim_folder()
+        self.setup_data()
+        self.setup_models()
+        self.setup_optimizer()
+        self.resume()
+        self.setup_tracking()
+
+    def check_inputs(self) -> None:
+        """The resume checkpoint, the output folder, the mixing file, the images, the model."""
+        cfg = self.cfg
+        self.resume_from = resume_checkpoint(cfg, self.out)
+        runs.check_output_folder(
+            self.out,
+            resumed_run=self.resume_from.run_id if self.resume_from else None,
+            overwrite=self.tc.overwrite,
         )
+        self.mix_file = _load_mix_with(cfg)
+        self.records = load_images(cfg.data)
+        check_captions(self.records, cfg.concept.placeholder)
+        if self.bundle is None:
+            self.bundle = load_model(cfg.model)
+        _check_resolution(cfg, self.bundle.vae)
+        self.identity = runs.model_identity(self.bundle)  # before the models are cast
+        self.family = self.bundle.family
+        self.parts = self.bundle.text_encoders
 
-
-def _train(
-    cfg: Config,
-    *,
-    bundle: ModelBundle | None,
-    progress: bool,
-    stop_at_step: int | None,
-    cleanup: contextlib.ExitStack,
-) -> TrainResult:
-    """The body of `train`; `cleanup` releases the folder lock, signal handlers and training hooks
-    on every way out."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    process_age = _process_age()  # seconds from the process start to this call
-    tc = cfg.train
-    out = Path(cfg.output_dir).expanduser()
-
-    # Everything that can fail on bad input happens before the first write, and what needs no
-    # model (output folder, resume checkpoint, validation files, images) before the model loads.
-    resume_from = resume_checkpoint(cfg, out)
-    runs.check_output_folder(
-        out, resumed_run=resume_from.run_id if resume_from else None, overwrite=tc.overwrite
-    )
-    mix_file = _load_mix_with(cfg)
-    records = load_images(cfg.data)
-    check_captions(records, cfg.concept.placeholder)
-    if bundle is None:
-        bundle = load_model(cfg.model)
-    _check_resolution(cfg, bundle.vae)
-    identity = runs.model_identity(bundle)  # before the models are cast to a lower precision
-    encoders = bundle.text_encoders  # [(name, tokenizer, text encoder)]: one, or two for SDXL
-    # Validation pipelines need the tokenizers without our placeholder tokens; copy them only then.
-    validating = cfg.validation.every > 0
-    clean_tokenizer = copy.deepcopy(bundle.tokenizer) if validating else None
-    clean_tokenizer_2 = copy.deepcopy(bundle.tokenizer_2) if validating else None
-    tokens = {
-        name: add_placeholder_tokens(tok, cfg.concept.placeholder, cfg.concept.n_vectors)
-        for name, tok, _ in encoders
-    }
-    embeddings = {name: te.get_input_embeddings() for name, _, te in encoders}
-    inits = {
-        name: initializer_vectors(
-            tok, embeddings[name], cfg.concept.initializer, cfg.concept.n_vectors
+    def setup_concept(self) -> None:
+        """Placeholder tokens, initial vectors, layers and vector sets, KDEs; prompt checks."""
+        cfg, parts = self.cfg, self.parts
+        concept = cfg.concept
+        # Validation pipelines need the tokenizers without our placeholder tokens; copy them only then.
+        self.clean_tokenizers = (
+            {p.name: copy.deepcopy(p.tokenizer) for p in parts} if cfg.validation.every > 0 else {}
         )
-        for name, tok, _ in encoders
-    }
-    granularity = cfg.xti.granularity
-    sdxl = bundle.family == "sdxl"
-    scheme = layer_scheme(bundle.unet, "transformer" if granularity == "transformer" else "block")
-    variant_of_layer = layer_variants(len(scheme), granularity)
-    num_variants = 1 if granularity == "shared" else len(scheme)
-    pooled = cfg.xti.pooled
-    # SDXL's second encoder has one more vector set, the POOL slot, when pooled comes from it.
-    variants_per_encoder = {
-        name: num_variants + (1 if sdxl and pooled == "slot" and name == "clip_g" else 0)
-        for name, _, _ in encoders
-    }
-    _check_prompts(cfg, records, bundle, tokens)
-    # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
-    kdes = build_kdes(cfg, encoders, embeddings)
-    _check_mix_with(cfg, mix_file, scheme, sdxl, embeddings)
+        self.tokens = {
+            p.name: add_placeholder_tokens(p.tokenizer, concept.placeholder, concept.n_vectors)
+            for p in parts
+        }
+        self.embeddings = {p.name: p.text_encoder.get_input_embeddings() for p in parts}
+        self.inits = {
+            p.name: initializer_vectors(
+                p.tokenizer, self.embeddings[p.name], concept.initializer, concept.n_vectors
+            )
+            for p in parts
+        }
+        self.granularity = cfg.xti.granularity
+        self.block_scheme = "transformer" if self.granularity == "transformer" else "block"
+        self.scheme = layer_scheme(self.bundle.unet, self.block_scheme)
+        self.layer_names = self.scheme.names
+        self.variant_of_layer = layer_variants(len(self.scheme), self.granularity)
+        self.num_variants = 1 if self.granularity == "shared" else len(self.scheme)
+        self.pooled = cfg.xti.pooled
+        _check_prompts(cfg, self.records, parts, self.tokens)
+        # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
+        self.kdes = build_kdes(cfg, parts, self.embeddings)
+        _check_mix_with(cfg, self.mix_file, self.scheme, self.family, self.embeddings)
 
-    report_to = setup_tracking(cfg.tracking.report_to)
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-    set_seed(tc.seed)
-    device = accelerator.device
-    dtype = _weight_dtype(accelerator.mixed_precision)
-    world = accelerator.num_processes
-    is_main = accelerator.is_main_process
-    cleanup.callback(_release_accelerator_state)
+    def setup_accelerator(self) -> None:
+        """The Accelerator (devices, processes, mixed precision), the seed, the run identity."""
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
 
-    # The run's identity; a resumed checkpoint must match it (or train.resume_force).
-    fingerprint = runs.run_fingerprint(cfg, identity, world=world)
-    run_id = runs.new_run_id()
-    if resume_from is not None:
-        runs.compare_fingerprints(resume_from, fingerprint, force=tc.resume_force)
-        run_id = resume_from.run_id
-        later = runs.run_checkpoints(out / runs.CHECKPOINTS, run_id)
-        if later and later[-1].step > resume_from.step:
-            # Resuming an earlier checkpoint forks the run: the newer ones are another future.
-            run_id = runs.new_run_id()
-            logger.warning(
-                "resuming %s, an earlier checkpoint than its run's newest (%s): this continuation "
-                "is a new run (%s)", resume_from.path, later[-1].path, run_id[:8],
-            )  # fmt: skip
-    if is_main:  # claim the folder: lock, clean up killed writes, record the owner
-        out.mkdir(parents=True, exist_ok=True)
-        lock = runs.OutputLock(out)
-        lock.acquire(runs.lock_info(run_id))
-        cleanup.callback(lock.release)
-        runs.remove_stale_tmp(out)
-        owner = {
-            "run_id": run_id,
-            "fingerprint": fingerprint,
+        tc, out = self.tc, self.out
+        self.report_to = setup_tracking(self.cfg.tracking.report_to)
+        self.accelerator = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            log_with=self.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(out), logging_dir=str(out / "logs")
+            ),
+        )
+        self.cleanup.callback(_release_accelerator_state)
+        set_seed(tc.seed)
+        self.device = self.accelerator.device
+        self.dtype = _weight_dtype(self.accelerator.mixed_precision)
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        # The run's identity; a resumed checkpoint must match it (or train.resume_force).
+        self.fingerprint = runs.run_fingerprint(self.cfg, self.identity, world=self.world)
+        self.run_id = runs.new_run_id()
+        resume_from = self.resume_from
+        if resume_from is not None:
+            runs.compare_fingerprints(resume_from, self.fingerprint, force=tc.resume_force)
+            self.run_id = resume_from.run_id
+            later = runs.run_checkpoints(out / runs.CHECKPOINTS, self.run_id)
+            if later and later[-1].step > resume_from.step:
+                # Resuming an earlier checkpoint forks the run: the newer ones are another future.
+                self.run_id = runs.new_run_id()
+                logger.warning(
+                    "resuming %s, an earlier checkpoint than its run's newest (%s): this "
+                    "continuation is a new run (%s)", resume_from.path, later[-1].path,
+                    self.run_id[:8],
+                )  # fmt: skip
+
+    def claim_folder(self) -> None:
+        """The main process locks the output folder, cleans up killed writes, records the owner."""
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = runs.OutputLock(self.out)
+        lock.acquire(runs.lock_info(self.run_id))
+        self.cleanup.callback(lock.release)
+        runs.remove_stale_tmp(self.out)
+        self.owner = {
+            "run_id": self.run_id,
+            "fingerprint": self.fingerprint,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed_from": str(resume_from.path) if resume_from else None,
+            "resumed_from": str(self.resume_from.path) if self.resume_from else None,
             "status": "running",
         }
-        runs.write_owner(out, owner)
+        runs.write_owner(self.out, self.owner)
 
-    # Latent distributions once per distinct augmentation, in fp32, then the VAE is dropped.
-    aug = augment(
-        records,
-        tc.resolution,
-        center_crop=cfg.data.center_crop,
-        random_crops=cfg.data.random_crops,
-        flip_p=cfg.data.flip_p,
-        seed=tc.seed,
-    )
-    # From the disk cache when these pixels were encoded by this VAE before (xti.latent_cache);
-    # the VAE then is neither moved nor called.
-    cache, latent_report = cached_latents(
-        bundle.vae,
-        aug,
-        cfg.data.encode_batch_size,
-        cache=(
-            LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
-            if cfg.data.latent_cache
-            else None
-        ),
-        device=device,
-        progress=progress and is_main,
-    )
-    if is_main:
-        logger.info("latents: %s", latent_report.describe())
-    prompts = PromptTable.build(
-        bundle.tokenizer,
-        prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
-        tokens[encoders[0][0]],
-        bundle.tokenizer_2,
-        tokens.get("clip_g"),
-    )
-
-    unet = bundle.unet
-    for model in (unet, *(te for _, _, te in encoders)):
-        model.requires_grad_(False)
-        model.eval()
-        model.to(device)
-        if dtype != torch.float32:  # casting fp32 to fp32 makes diffusers log a spurious warning
-            model.to(dtype=dtype)
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    concept = ConceptSet(
-        {name: ConceptVectors(inits[name], variants_per_encoder[name]) for name, _, _ in encoders}
-    )
-    raw_concept = concept
-    # Each text encoder reads its raw parameter; the wrapped module's forward is called once per
-    # step so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate once.
-    installed: dict[str, Any] = {}
-
-    def install_training_hooks() -> None:
-        installed["embeddings"] = [
-            install_token_embedding(
-                te, tokens[name].first_id, lambda n=name: raw_concept.sets[n].vectors
-            )
-            for name, _, te in encoders
-        ]
-        installed["processors"] = install_processors(unet, scheme)
-
-    def remove_training_hooks() -> None:
-        if "processors" not in installed:
-            return
-        installed.pop("processors").remove()
-        for handle in installed.pop("embeddings"):
-            handle.remove()
-
-    install_training_hooks()
-    cleanup.callback(remove_training_hooks)
-
-    kdes = {name: reg.to(device) for name, reg in kdes.items()}  # computed before the latents
-    initial_vectors = {k: v.detach().clone() for k, v in concept().items()}
-
-    lr = runs.effective_lr(tc, world)
-    optimizer = torch.optim.AdamW(
-        concept.parameters(),
-        lr=lr,
-        betas=(tc.adam_beta1, tc.adam_beta2),
-        eps=tc.adam_epsilon,
-        weight_decay=tc.weight_decay,
-    )
-    lr_scheduler = get_scheduler(
-        tc.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=tc.lr_warmup_steps,
-        num_training_steps=tc.max_steps,
-    )
-    concept, optimizer = accelerator.prepare(concept, optimizer)
-    raw_concept = accelerator.unwrap_model(concept)
-
-    models = StepModels(
-        unet=unet,
-        text_encoder=bundle.text_encoder,
-        scheduler=bundle.noise_scheduler,
-        tokens=tokens[encoders[0][0]],
-        variant_of_layer=variant_of_layer.to(device),
-        num_variants=num_variants,
-        prediction_type=bundle.prediction_type,
-        dtype=dtype,
-        text_encoder_2=bundle.text_encoder_2,
-        tokens_2=tokens.get("clip_g"),
-        pooled=pooled,
-        eos_id=bundle.tokenizer_2.eos_token_id if sdxl else bundle.tokenizer.eos_token_id,
-    )
-
-    start_step = 0
-    if resume_from is not None:  # every process reads it; only safetensors and JSON
-        start_step = runs.load_checkpoint(
-            resume_from,
-            module=raw_concept,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scaler=accelerator.scaler,
+    def setup_data(self) -> None:
+        """Latent distributions once per distinct augmentation, in fp32 (from the disk cache when
+        this VAE encoded these pixels before: the VAE is then neither moved nor called), and the
+        tokenized prompts."""
+        cfg, tc = self.cfg, self.tc
+        aug = augment(
+            self.records,
+            tc.resolution,
+            center_crop=cfg.data.center_crop,
+            random_crops=cfg.data.random_crops,
+            flip_p=cfg.data.flip_p,
+            seed=tc.seed,
         )
-        if is_main:
-            logger.info("resumed from %s at step %d", resume_from.path, start_step)
+        disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
+        self.cache, self.latent_report = cached_latents(
+            self.bundle.vae,
+            aug,
+            cfg.data.encode_batch_size,
+            cache=disk if cfg.data.latent_cache else None,
+            device=self.device,
+            progress=self.progress and self.is_main,
+        )
+        if self.is_main:
+            logger.info("latents: %s", self.latent_report.describe())
+        self.prompts = PromptTable.build(
+            {p.name: p.tokenizer for p in self.parts},
+            prompts_per_image(self.records, cfg.concept.placeholder, cfg.data.template),
+            self.tokens,
+        )
 
-    name = cfg.concept_name
-    metadata_common = dict(
-        layers=scheme.names,
-        granularity=granularity,
-        placeholder=cfg.concept.placeholder,
-        initializer=cfg.concept.initializer,
-        n_vectors=cfg.concept.n_vectors,
-        family=bundle.family,
-        base_model=bundle.source,
-        text_dims={name: int(inits[name].shape[-1]) for name, _, _ in encoders},
-        kde_weight=cfg.kde.weight,
-    )
+    def setup_models(self) -> None:
+        """Freeze the models and move them to the device (and the mixed-precision dtype); build the
+        trainable vectors and install the training hooks (removed again on the way out)."""
+        unet = self.bundle.unet
+        for model in (unet, *(p.text_encoder for p in self.parts)):
+            model.requires_grad_(False)
+            model.eval()
+            model.to(self.device)
+            if self.dtype != torch.float32:  # casting fp32 to fp32 makes diffusers log a warning
+                model.to(dtype=self.dtype)
+        if self.tc.gradient_checkpointing and not unet.is_gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            self.cleanup.callback(unet.disable_gradient_checkpointing)
+        self.raw_concept = ConceptSet(
+            {
+                p.name: ConceptVectors(
+                    self.inits[p.name],
+                    self.family.vector_sets(p.name, self.num_variants, self.pooled),
+                )
+                for p in self.parts
+            }
+        )
+        self.concept: nn.Module = self.raw_concept  # the Accelerate/DDP-wrapped one after prepare
+        self.install_training_hooks()
+        self.cleanup.callback(self.remove_training_hooks)
+        self.kdes = {name: reg.to(self.device) for name, reg in self.kdes.items()}
+        self.initial_vectors = {k: v.detach().clone() for k, v in self.raw_concept().items()}
 
-    extra = {"xti.pooled": pooled} if sdxl else None
+    def install_training_hooks(self) -> None:
+        """Each text encoder reads its raw parameter; the wrapped module's forward is called once
+        per step so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate
+        once. The UNet gets the per-layer attention processors."""
+        for p in self.parts:
+            first_id = self.tokens[p.name].first_id
+            vectors = functools.partial(self.concept_vectors, p.name)
+            self.hooks.append(install_token_embedding(p.text_encoder, first_id, vectors))
+        self.hooks.append(install_processors(self.bundle.unet, self.scheme))
 
-    def export(path: Path, steps: int) -> Path:
-        current = raw_concept()
-        bad = runs.non_finite(current)
+    def concept_vectors(self, encoder: str) -> torch.Tensor:
+        """One encoder's raw ``[V, n, d]`` vector parameter (what its token embedding reads)."""
+        return self.raw_concept.sets[encoder].vectors
+
+    def remove_training_hooks(self) -> None:
+        """Put the original token embeddings and attention processors back (newest first)."""
+        while self.hooks:
+            self.hooks.pop().remove()
+
+    def setup_optimizer(self) -> None:
+        """AdamW over the vectors only, the learning-rate schedule, Accelerate's wrapping."""
+        from diffusers.optimization import get_scheduler
+
+        tc = self.tc
+        optimizer = torch.optim.AdamW(
+            self.raw_concept.parameters(),
+            lr=runs.effective_lr(tc, self.world),
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_epsilon,
+            weight_decay=tc.weight_decay,
+        )
+        self.lr_scheduler = get_scheduler(
+            tc.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=tc.lr_warmup_steps,
+            num_training_steps=tc.max_steps,
+        )
+        self.concept, self.optimizer = self.accelerator.prepare(self.raw_concept, optimizer)
+        self.raw_concept = self.accelerator.unwrap_model(self.concept)
+        self.models = StepModels(
+            family=self.family,
+            parts=self.parts,
+            unet=self.bundle.unet,
+            scheduler=self.bundle.noise_scheduler,
+            tokens=self.tokens,
+            variant_of_layer=self.variant_of_layer.to(self.device),
+            num_variants=self.num_variants,
+            prediction_type=self.bundle.prediction_type,
+            dtype=self.dtype,
+            pooled=self.pooled,
+        )
+
+    def resume(self) -> None:
+        """Load the resume checkpoint (every process reads it; only safetensors and JSON)."""
+        if self.resume_from is None:
+            return
+        self.start_step = self.step = runs.load_checkpoint(
+            self.resume_from,
+            module=self.raw_concept,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.accelerator.scaler,
+        )
+        if self.is_main:
+            logger.info("resumed from %s at step %d", self.resume_from.path, self.start_step)
+
+    def setup_tracking(self) -> None:
+        """Experiment trackers, the step bookkeeping and the stop-signal handlers."""
+        cfg, tc = self.cfg, self.tc
+        if self.report_to:
+            run_name = cfg.tracking.run_name or self.name
+            self.accelerator.init_trackers(
+                cfg.tracking.project,
+                config=_flat_config(cfg),
+                init_kwargs={
+                    "wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(self.out)}
+                },
+            )
+        self.smooth = Smoother()
+        self.mix_with = self.mix_file if self.is_main else None
+        self.global_batch = tc.batch_size * self.world
+        self.accum = tc.gradient_accumulation_steps
+        self.end_step = (
+            tc.max_steps if self.stop_at_step is None else min(tc.max_steps, self.stop_at_step)
+        )
+        self.frozen_check_step = frozen_check_at(tc.max_steps, tc.lr_warmup_steps)
+        # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
+        self.stop = self.cleanup.enter_context(runs.StopSignals(defer_always=self.world > 1))
+
+    # ------------------------------------------------------------------ steps
+
+    def run_steps(self) -> None:
+        """Optimizer steps until the end step, each followed by the `after_step` events. On
+        SIGINT/SIGTERM: a checkpoint and the vectors are saved, then the interrupt goes on."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=self.tc.max_steps,
+            initial=self.start_step,
+            disable=not (self.progress and self.is_main),
+            desc=f"xti {self.name}",
+            unit="step",
+        )
+        with contextlib.closing(self.bar):
+            try:
+                while self.step < self.end_step:
+                    self.stop.enter_step()
+                    outcome = self.optimizer_step()
+                    self.record(outcome)
+                    for event in self.after_step:
+                        event(outcome)
+                    self.stop.check(self.accelerator)
+            except KeyboardInterrupt:
+                self.bar.close()
+                self.save_interrupted()
+                raise
+
+    def micro_batch(self, micro_step: int) -> Batch:
+        """This process's batch of one micro-step, on the device."""
+        return sample_batch(
+            self.cache,
+            self.prompts,
+            num_train_timesteps=self.bundle.noise_scheduler.config.num_train_timesteps,
+            global_batch=self.global_batch,
+            rank=self.accelerator.process_index,
+            world_size=self.world,
+            seed=self.tc.seed,
+            micro_step=micro_step,
+            flip_p=self.cfg.data.flip_p,
+            noise_offset=self.tc.noise_offset,
+            resolution=self.tc.resolution if self.family.uses_time_ids else None,
+        ).to(self.device)
+
+    def optimizer_step(self) -> StepOutcome:
+        """One optimizer step: the accumulated diffusion gradient, the KDE term, clipping, AdamW."""
+        accelerator, accum = self.accelerator, self.accum
+        t_step = time.perf_counter()
+        if self.setup_seconds is None:
+            self.setup_seconds = t_step - self.t0
+            if self.is_main:
+                logger.info("first step after %.1f s of setup", self.setup_seconds)
+        total_loss = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = self.micro_batch(self.step * accum + micro)
+            last = micro == accum - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.concept):
+                with accelerator.autocast():
+                    self.concept()  # DDP's forward; the text encoders read the raw parameters
+                    loss, parts = compute_loss(self.models, batch, snr_gamma=self.tc.snr_gamma)
+                accelerator.backward(loss / accum)
+            total_loss += loss.detach() / accum
+        # The diffusion gradient is now complete (accumulated, synchronised); unscale it once,
+        # then add the KDE gradient relative to it, then clip (DESIGN §4).
+        accelerator.unscale_gradients()
+        kde_stats = None
+        if self.cfg.kde.weight > 0:
+            vectors = {n: self.raw_concept.sets[n].vectors for n in self.kdes}
+            kde_stats = add_relative_kde_gradient(vectors, self.kdes, self.cfg.kde.weight)
+        params = list(self.raw_concept.parameters())
+        if self.tc.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
+        else:
+            grad_norm = torch.cat([p.grad.detach().flatten() for p in params]).norm()
+        self.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
+        seconds = time.perf_counter() - t_step  # .item() waited for the device
+        return StepOutcome(self.step, mean_loss, parts, grad_norm, kde_stats, seconds)
+
+    def record(self, s: StepOutcome) -> None:
+        """Keep the step's loss and time (after the non-finite guard), warn once about a frozen
+        run, move the progress bar."""
+        self.step_seconds.append(s.seconds)
+        runs.check_finite_step(
+            s.step,
+            s.loss,
+            self.raw_concept(),
+            last_finite=self.losses[-1] if self.losses else None,
+            last_checkpoint=self.saved_checkpoint,
+        )
+        self.stop.leave_step()
+        self.losses.append((s.step, s.loss))
+        if s.step == self.frozen_check_step and self.is_main:
+            warn_if_frozen(self.cfg, self.moved(), s.step)
+        self.bar.set_postfix(  # the median of the last steps: tqdm's own rate is a moving mean
+            {"loss": f"{s.loss:.4f}", "s/step": f"{_median(self.step_seconds[-20:]):.3g}"},
+            refresh=False,
+        )
+        self.bar.update(1)
+
+    def moved(self) -> float:
+        return relative_movement(self.raw_concept(), self.initial_vectors)
+
+    # ------------------------------------------------------------------ after-step events
+
+    def log_if_due(self, s: StepOutcome) -> None:
+        """Every `train.log_every` steps and at the end step: the step's scalars (`_step_logs`)."""
+        if s.step % self.tc.log_every and s.step != self.end_step:
+            return
+        logs = _step_logs(
+            s.loss,
+            s.loss_parts,
+            self.lr_scheduler.get_last_lr()[0],
+            s.grad_norm,
+            self.raw_concept(),
+            self.variant_of_layer,
+            self.layer_names,
+            kdes=self.kdes,
+            kde_stats=s.kde_stats,
+            moved=self.moved(),
+        )
+        logs["loss_smoothed"] = self.smooth.update(s.loss)
+        logs["step_time"] = s.seconds
+        logs["samples_per_s"] = self.global_batch * self.accum / s.seconds
+        logs["peak_memory_gb"] = _peak_memory_gb(self.device)
+        self.accelerator.log(logs, step=s.step)
+
+    def validate_if_due(self, s: StepOutcome) -> None:
+        """Every `validation.every` steps and at the last step: samples (main process)."""
+        every = self.cfg.validation.every
+        if not every or (s.step % every and s.step != self.tc.max_steps):
+            return
+        if self.is_main:
+            self.validate(s.step)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint_if_due(self, s: StepOutcome) -> None:
+        if self.tc.checkpoint_every and s.step % self.tc.checkpoint_every == 0:
+            self.checkpoint(s.step)
+
+    def snapshot_if_due(self, s: StepOutcome) -> None:
+        if self.tc.snapshot_every and s.step % self.tc.snapshot_every == 0 and self.is_main:
+            self.export(self.out / "snapshots" / f"{self.name}-step{s.step:06d}.xti.safetensors")
+
+    # ------------------------------------------------------------------ files
+
+    def file_vectors(self) -> dict[str, torch.Tensor]:
+        """The embedding file's tensors of the current vectors (keys as the family writes them)."""
+        return self.family.file_vectors(
+            self.raw_concept(), self.variant_of_layer, self.layer_names, self.num_variants
+        )
+
+    def export(self, path: Path) -> Path:
+        """Write the current vectors as an ``.xti.safetensors`` file (never non-finite ones)."""
+        bad = runs.non_finite(self.raw_concept())
         if bad:  # never write (or replace a file with) a diverged embedding
             raise XTIError(f"{path}: not written, the {', '.join(bad)} vectors are not finite")
-        meta = build_metadata(**metadata_common, steps=steps, title=name, extra=extra)
-        vectors = export_vectors(current, variant_of_layer, scheme, num_variants)
-        return save_embedding_file(path, vectors, meta)
+        c = self.cfg.concept
+        meta = build_metadata(
+            layers=self.layer_names,
+            granularity=self.granularity,
+            placeholder=c.placeholder,
+            initializer=c.initializer,
+            n_vectors=c.n_vectors,
+            family=self.family.name,
+            base_model=self.bundle.source,
+            text_dims={name: int(init.shape[-1]) for name, init in self.inits.items()},
+            kde_weight=self.cfg.kde.weight,
+            steps=self.step,
+            title=self.name,
+            extra=self.family.metadata_extra(self.pooled),
+        )
+        return save_embedding_file(path, self.file_vectors(), meta)
 
-    saved: dict[str, Any] = {"checkpoint": None, "step": None}
-
-    def checkpoint(step: int) -> None:
+    def checkpoint(self, step: int) -> None:
         """Save a checkpoint of this run (main process; safetensors + JSON), prune its old ones."""
-        if is_main:
-            folder = out / runs.CHECKPOINTS
-            saved["checkpoint"] = runs.save_checkpoint(
+        if self.is_main:
+            folder = self.out / runs.CHECKPOINTS
+            self.saved_checkpoint = runs.save_checkpoint(
                 folder,
                 step=step,
-                run_id=run_id,
-                fingerprint=fingerprint,
-                config=cfg.model_dump(mode="json"),
-                module=raw_concept,
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                scaler=accelerator.scaler,
+                run_id=self.run_id,
+                fingerprint=self.fingerprint,
+                config=self.cfg.model_dump(mode="json"),
+                module=self.raw_concept,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                scaler=self.accelerator.scaler,
             )
-            runs.prune_checkpoints(folder, run_id, tc.checkpoints_total_limit)
-        saved["step"] = step
-        accelerator.wait_for_everyone()
+            runs.prune_checkpoints(folder, self.run_id, self.tc.checkpoints_total_limit)
+        self.saved_step = step
+        self.accelerator.wait_for_everyone()
 
-    if report_to:
-        run_name = cfg.tracking.run_name or name
-        accelerator.init_trackers(
-            cfg.tracking.project,
-            config=_flat_config(cfg),
-            init_kwargs={"wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(out)}},
+    def save_interrupted(self) -> None:
+        """On SIGINT/SIGTERM: a checkpoint (when the state is at a step boundary) and the vectors."""
+        stop, step = self.stop, self.step
+        at_boundary = stop.at_boundary or (self.world == 1 and not stop.in_step)
+        where = []
+        if at_boundary and step > self.start_step and self.saved_step != step:
+            self.checkpoint(step)
+        if at_boundary and self.saved_step == step and self.saved_checkpoint is not None:
+            where.append(f"checkpoint {self.saved_checkpoint} (continue with train.resume=latest)")
+        if self.is_main:
+            try:
+                file = self.export(self.out / f"{self.name}.interrupted.xti.safetensors")
+                where.insert(0, f"vectors saved to {file}")
+            except XTIError as err:
+                where.insert(0, str(err))
+            print(f"interrupted at step {step}; {'; '.join(where)}", flush=True)
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_pipeline(self) -> Any:
+        """A stock pipeline of the model's family from the training components, with the
+        tokenizers as they were before the placeholder tokens were added."""
+        from diffusers import DDIMScheduler
+
+        bundle = self.bundle
+        parts = [
+            EncoderPart(p.name, self.clean_tokenizers[p.name], p.text_encoder) for p in self.parts
+        ]
+        pipe = self.family.build_pipeline(
+            vae=bundle.vae.to(self.device),
+            unet=bundle.unet,
+            scheduler=DDIMScheduler.from_config(bundle.noise_scheduler.config),
+            parts=parts,
         )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
-    layer_names = scheme.names
-    bar = tqdm(
-        total=tc.max_steps,
-        initial=start_step,
-        disable=not (progress and is_main),
-        desc=f"xti {name}",
-        unit="step",
-    )
-    losses: list[tuple[int, float]] = []
-    smooth = Smoother()
-    vc = cfg.validation
-    mix_with = mix_file if is_main else None
-    last_grid: list[Path] = []
-
-    def validate(step: int) -> None:
+    def validate(self, step: int) -> None:
         """Sample with fixed seeds (main process; no_grad; hooks and devices restored after)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
+        cfg, vc = self.cfg, self.cfg.validation
+        placeholder = cfg.concept.placeholder
         template = DEFAULT_VALIDATION_PROMPTS.get(
             cfg.data.template, DEFAULT_VALIDATION_PROMPTS["object"]
         )
-        prompts_v = vc.prompts or [t.format(cfg.concept.placeholder) for t in template]
+        prompts = vc.prompts or [t.format(placeholder) for t in template]
         concept_file = EmbeddingFile(
-            layers=scheme.names,
-            vectors=export_vectors(raw_concept(), variant_of_layer, scheme, num_variants),
-            metadata={},
+            layers=self.layer_names, vectors=self.file_vectors(), metadata={}
         )
-        remove_training_hooks()
-        vae_device = next(bundle.vae.parameters()).device
+        self.remove_training_hooks()
+        vae_device = next(self.bundle.vae.parameters()).device
         try:
-            scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config)
-            if sdxl:
-                pipe = StableDiffusionXLPipeline(
-                    vae=bundle.vae.to(device),
-                    text_encoder=bundle.text_encoder,
-                    text_encoder_2=bundle.text_encoder_2,
-                    tokenizer=clean_tokenizer,
-                    tokenizer_2=clean_tokenizer_2,
-                    unet=unet,
-                    scheduler=scheduler,
-                    add_watermarker=False,
-                )
-            else:
-                pipe = StableDiffusionPipeline(
-                    vae=bundle.vae.to(device),
-                    text_encoder=bundle.text_encoder,
-                    tokenizer=clean_tokenizer,
-                    unet=unet,
-                    scheduler=scheduler,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
-            pipe.set_progress_bar_config(disable=True)
-            with torch.no_grad(), accelerator.autocast():
+            pipe = self.validation_pipeline()
+            with torch.no_grad(), self.accelerator.autocast():
                 vg = validation_grid(
                     pipe,
                     concept_file,
-                    cfg.concept.placeholder,
-                    prompts_v,
+                    placeholder,
+                    prompts,
                     seeds=vc.seeds,
                     negative_prompt=vc.negative_prompt,
                     num_inference_steps=vc.num_inference_steps,
                     guidance_scale=vc.guidance_scale,
-                    resolution=tc.resolution,
-                    mix_with=mix_with,
+                    resolution=self.tc.resolution,
+                    mix_with=self.mix_with,
                     mix_layers=vc.mix_layers,
-                    granularity="transformer" if granularity == "transformer" else "block",
+                    granularity=self.block_scheme,
                 )
         finally:
-            bundle.vae.to(vae_device)
-            install_training_hooks()
-        path = out / "validation" / f"{name}-step{step:06d}.png"
+            self.bundle.vae.to(vae_device)
+            self.install_training_hooks()
+        path = self.out / "validation" / f"{self.name}-step{step:06d}.png"
         buf = io.BytesIO()
         vg.grid.save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())
-        last_grid[:] = [path]
-        log_images(accelerator, "validation", vg.grid, vg.caption, step)
-        nearest_v = _nearest_tokens(
-            kdes[encoders[0][0]],
-            raw_concept.sets[encoders[0][0]].vectors,
-            variant_of_layer,
-            layer_names,
-            encoders[0][1],
-        )
+        self.last_grid = path
+        log_images(self.accelerator, "validation", vg.grid, vg.caption, step)
+        nearest = self.nearest_tokens(self.parts[:1])[self.parts[0].name]
         log_table(
-            accelerator, "nearest_tokens", ["layer", "nearest vocabulary tokens"],
-            [[layer, " ".join(toks)] for layer, toks in nearest_v.items()], step,
+            self.accelerator, "nearest_tokens", ["layer", "nearest vocabulary tokens"],
+            [[layer, " ".join(toks)] for layer, toks in nearest.items()], step,
         )  # fmt: skip
 
-    global_batch = tc.batch_size * world
-    accum = tc.gradient_accumulation_steps
-    step = start_step
-    step_seconds: list[float] = []  # this process's steps, for the bar, summary and model card
-    setup_seconds: float | None = None
-    end_step = tc.max_steps if stop_at_step is None else min(tc.max_steps, stop_at_step)
-    frozen_check_step = frozen_check_at(tc.max_steps, tc.lr_warmup_steps)
-    # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
-    stop = cleanup.enter_context(runs.StopSignals(defer_always=world > 1))
-    try:
-        while step < end_step:
-            stop.enter_step()
-            t_step = time.perf_counter()
-            if setup_seconds is None:
-                setup_seconds = t_step - t0
-                if is_main:
-                    logger.info("first step after %.1f s of setup", setup_seconds)
-            total_loss = torch.zeros((), device=device)
-            parts: dict[str, torch.Tensor] = {}
-            for micro in range(accum):
-                batch = sample_batch(
-                    cache,
-                    prompts,
-                    num_train_timesteps=bundle.noise_scheduler.config.num_train_timesteps,
-                    global_batch=global_batch,
-                    rank=accelerator.process_index,
-                    world_size=world,
-                    seed=tc.seed,
-                    micro_step=step * accum + micro,
-                    flip_p=cfg.data.flip_p,
-                    noise_offset=tc.noise_offset,
-                    resolution=tc.resolution if sdxl else None,
-                ).to(device)
-                sync = (
-                    contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(concept)
-                )
-                with sync:
-                    with accelerator.autocast():
-                        concept()  # DDP's forward; the text encoders read the raw parameters
-                        loss, parts = compute_loss(models, batch, snr_gamma=tc.snr_gamma)
-                    accelerator.backward(loss / accum)
-                total_loss += loss.detach() / accum
-            # The diffusion gradient is now complete (accumulated, synchronised); unscale it once,
-            # then add the KDE gradient relative to it, then clip (DESIGN §4).
-            accelerator.unscale_gradients()
-            kde_stats = (
-                add_relative_kde_gradient(
-                    {n: raw_concept.sets[n].vectors for n in kdes}, kdes, cfg.kde.weight
-                )
-                if cfg.kde.weight > 0
-                else None
+    def nearest_tokens(
+        self, parts: Sequence[EncoderPart] | None = None
+    ) -> dict[str, dict[str, list[str]]]:
+        """Per text encoder (default: all) and layer, each vector's nearest vocabulary token."""
+        return {
+            p.name: _nearest_tokens(
+                self.kdes[p.name],
+                self.raw_concept.sets[p.name].vectors,
+                self.variant_of_layer,
+                self.layer_names,
+                p.tokenizer,
             )
-            if tc.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    raw_concept.parameters(), tc.max_grad_norm
-                )
-            else:
-                grad_norm = torch.cat(
-                    [p.grad.detach().flatten() for p in raw_concept.parameters()]
-                ).norm()
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            for p in (self.parts if parts is None else parts)
+        }
 
-            mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
-            step_time = time.perf_counter() - t_step  # .item() waited for the device
-            step_seconds.append(step_time)
-            runs.check_finite_step(
-                step,
-                mean_loss,
-                raw_concept(),
-                last_finite=losses[-1] if losses else None,
-                last_checkpoint=saved["checkpoint"],
-            )
-            stop.leave_step()
-            losses.append((step, mean_loss))
-            if step == frozen_check_step and is_main:
-                warn_if_frozen(cfg, relative_movement(raw_concept(), initial_vectors), step)
-            bar.set_postfix(  # the median of the last steps: tqdm's own rate is a moving mean
-                {"loss": f"{mean_loss:.4f}", "s/step": f"{_median(step_seconds[-20:]):.3g}"},
-                refresh=False,
-            )
-            bar.update(1)
-            if step % tc.log_every == 0 or step == end_step:
-                logs = _step_logs(
-                    mean_loss,
-                    parts,
-                    lr_scheduler.get_last_lr()[0],
-                    grad_norm,
-                    raw_concept(),
-                    variant_of_layer,
-                    layer_names,
-                    kdes=kdes,
-                    kde_stats=kde_stats,
-                    moved=relative_movement(raw_concept(), initial_vectors),
-                )
-                logs["loss_smoothed"] = smooth.update(mean_loss)
-                logs["step_time"] = step_time
-                logs["samples_per_s"] = global_batch * accum / step_time
-                logs["peak_memory_gb"] = _peak_memory_gb(device)
-                accelerator.log(logs, step=step)
-            if vc.every and (step % vc.every == 0 or step == tc.max_steps):
-                if is_main:
-                    validate(step)
-                accelerator.wait_for_everyone()
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-                checkpoint(step)
-            if tc.snapshot_every and step % tc.snapshot_every == 0 and is_main:
-                export(out / "snapshots" / f"{name}-step{step:06d}.xti.safetensors", step)
-            stop.check(accelerator)
-    except KeyboardInterrupt:
-        bar.close()
-        _save_interrupted(
-            stop, step, start_step, world, is_main, saved, checkpoint, export, out, name
+    # ------------------------------------------------------------------ the end
+
+    def finish(self) -> TrainResult:
+        """Check the ranks agree, export (when the run reached `train.max_steps`), run the
+        `after_run` events on the main process, end the trackers."""
+        accelerator = self.accelerator
+        current = self.raw_concept()
+        flat = torch.cat([v.detach().reshape(-1) for v in current.values()])
+        gathered = accelerator.gather(flat.reshape(1, -1))
+        in_sync = bool((gathered == gathered[0:1]).all())
+        output_file = None
+        if self.is_main and self.step >= self.tc.max_steps:
+            output_file = self.export(self.out / f"{self.name}.xti.safetensors")
+        accelerator.wait_for_everyone()
+        result = TrainResult(
+            output_file=output_file,
+            steps=self.step,
+            losses=self.losses,
+            vectors=current[self.parts[0].name].detach().cpu().clone(),
+            all_vectors={k: v.detach().cpu().clone() for k, v in current.items()},
+            layer_names=self.layer_names,
+            world_size=self.world,
+            ranks_in_sync=in_sync,
+            seconds=time.perf_counter() - self.t0,
+            trainable_shapes=[
+                tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
+            ],
+            samples_file=self.last_grid,
         )
-        raise
-    finally:
-        bar.close()
+        if self.is_main:
+            for event in self.after_run:
+                event(result)
+        accelerator.end_training()
+        return result
 
-    flat = torch.cat([v.detach().reshape(-1) for v in raw_concept().values()])
-    gathered = accelerator.gather(flat.reshape(1, -1))
-    in_sync = bool((gathered == gathered[0:1]).all())
-    output_file = None
-    if is_main and step >= tc.max_steps:
-        output_file = export(out / f"{name}.xti.safetensors", step)
-    accelerator.wait_for_everyone()
-    result = TrainResult(
-        output_file=output_file,
-        steps=step,
-        losses=losses,
-        vectors=raw_concept.sets[encoders[0][0]].vectors.detach().cpu().clone(),
-        all_vectors={k: v.detach().cpu().clone() for k, v in raw_concept().items()},
-        layer_names=layer_names,
-        world_size=world,
-        ranks_in_sync=in_sync,
-        seconds=time.perf_counter() - t0,
-        trainable_shapes=[tuple(p.shape) for g in optimizer.param_groups for p in g["params"]],
-        samples_file=last_grid[0] if last_grid else None,
-    )
-    if is_main:
-        summary = {
-            "run_id": run_id,
-            "output_file": str(output_file) if output_file else None,
-            "samples_file": str(last_grid[0]) if last_grid else None,
-            "steps": step,
-            "final_loss": losses[-1][1] if losses else None,
-            "world_size": world,
-            "ranks_in_sync": in_sync,
+    # ------------------------------------------------------------------ after-run events
+
+    def write_summary(self, result: TrainResult) -> None:
+        """``summary.json``: the run's outcome, timing and nearest vocabulary tokens."""
+        self.summary = {
+            "run_id": self.run_id,
+            "output_file": str(result.output_file) if result.output_file else None,
+            "samples_file": str(result.samples_file) if result.samples_file else None,
+            "steps": result.steps,
+            "final_loss": result.losses[-1][1] if result.losses else None,
+            "world_size": result.world_size,
+            "ranks_in_sync": result.ranks_in_sync,
             "seconds": round(result.seconds, 2),
-            **run_timing(setup_seconds, latent_report, step_seconds, process_age),
-            "mixed_precision": accelerator.mixed_precision,
-            "device": str(device),
+            **run_timing(
+                self.setup_seconds, self.latent_report, self.step_seconds, self.process_age
+            ),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "device": str(self.device),
+            "nearest_tokens": _per_encoder(self.nearest_tokens()),
         }
-        nearest = {
-            enc: _nearest_tokens(
-                kdes[enc], raw_concept.sets[enc].vectors, variant_of_layer, layer_names, tok
-            )
-            for enc, tok, _ in encoders
-        }
-        summary["nearest_tokens"] = nearest if sdxl else nearest[encoders[0][0]]
-        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
-        if output_file is not None:
-            write_model_card(
-                out,
-                name=name,
-                embedding_file=output_file,
-                config=cfg.model_dump(mode="json"),
-                family=bundle.family,
-                base_model=bundle.source,
-                layers=layer_names,
-                steps=step,
-                final_loss=summary["final_loss"],
-                grid=last_grid[0] if last_grid else None,
-                timing={k: summary[k] for k in TIMING_KEYS},
-            )
-        owner.update(status="finished" if output_file else "stopped", steps=step)
-        runs.write_owner(out, owner)
-    accelerator.end_training()
-    remove_training_hooks()
-    _release_accelerator_state()
-    return result
+        atomic_write_bytes(self.out / "summary.json", json.dumps(self.summary, indent=1).encode())
+
+    def write_model_card(self, result: TrainResult) -> None:
+        """The folder's ``README.md``, when the run exported its file."""
+        if result.output_file is None:
+            return
+        write_model_card(
+            self.out,
+            name=self.name,
+            embedding_file=result.output_file,
+            config=self.cfg.model_dump(mode="json"),
+            family=self.family.name,
+            base_model=self.bundle.source,
+            layers=self.layer_names,
+            steps=result.steps,
+            final_loss=self.summary["final_loss"],
+            grid=result.samples_file,
+            timing={k: self.summary[k] for k in TIMING_KEYS},
+        )
+
+    def record_end(self, result: TrainResult) -> None:
+        """The run record (``xti-run.json``): finished, or stopped before `train.max_steps`."""
+        self.owner.update(
+            status="finished" if result.output_file else "stopped", steps=result.steps
+        )
+        runs.write_owner(self.out, self.owner)
+
+
+def _per_encoder(values: dict[str, Any]) -> Any:
+    """``summary.json``'s shape of a per-encoder value: the value itself for a model with one text
+    encoder, ``{encoder: value}`` for several."""
+    return next(iter(values.values())) if len(values) == 1 else values
 
 
 TIMING_KEYS = (
@@ -1089,34 +1237,6 @@ def run_timing(
     }
 
 
-def _save_interrupted(
-    stop: runs.StopSignals,
-    step: int,
-    start_step: int,
-    world: int,
-    is_main: bool,
-    saved: dict[str, Any],
-    checkpoint: Any,
-    export: Any,
-    out: Path,
-    name: str,
-) -> None:
-    """On SIGINT/SIGTERM: a checkpoint (when the state is at a step boundary) and the vectors."""
-    at_boundary = stop.at_boundary or (world == 1 and not stop.in_step)
-    where = []
-    if at_boundary and step > start_step and saved["step"] != step:
-        checkpoint(step)
-    if at_boundary and saved["step"] == step and saved["checkpoint"] is not None:
-        where.append(f"checkpoint {saved['checkpoint']} (continue with train.resume=latest)")
-    if is_main:
-        try:
-            file = export(out / f"{name}.interrupted.xti.safetensors", step)
-            where.insert(0, f"vectors saved to {file}")
-        except XTIError as err:
-            where.insert(0, str(err))
-        print(f"interrupted at step {step}; {'; '.join(where)}", flush=True)
-
-
 def _load_mix_with(cfg: Config) -> EmbeddingFile | None:
     """`validation.mix_with`, loaded before the model (one-line errors naming the file)."""
     path = cfg.validation.mix_with
@@ -1131,27 +1251,27 @@ def _check_mix_with(
     cfg: Config,
     mix: EmbeddingFile | None,
     scheme: LayerScheme,
-    sdxl: bool,
-    embeddings: dict[str, nn.Module],
+    family: ModelFamily,
+    embeddings: Mapping[str, nn.Module],
 ) -> None:
     """Fail before training when the mixing file or `validation.mix_layers` cannot fit the model."""
     if mix is None:
         return
     where = f"validation.mix_with: {cfg.validation.mix_with}"
-    if mix.is_sdxl != sdxl:
-        kind = "an SDXL file" if mix.is_sdxl else f"an SD 1.x/2.x file ({mix.family})"
-        raise XTIError(f"{where} is {kind}, but the model is {'SDXL' if sdxl else 'SD 1.x/2.x'}")
-    from xti.inference import _match_layers
-
-    if _match_layers(mix.layers, scheme) is None:
+    other = mix.model_family
+    if other.specs != family.specs:  # SD 1.x and 2.x files share a layout (widths checked below)
+        raise XTIError(
+            f"{where} is an {other.label} file ({other.name}), but the model is {family.label}"
+        )
+    if match_layers(mix.layers, scheme) is None:
         raise XTIError(
             f"{where}: its layers ({', '.join(mix.layers[:4])}, ...) do not fit this model's "
             f"({', '.join(scheme.names[:4])}, ...)"
         )
     for enc, emb in embeddings.items():
         width = int(emb.weight.shape[-1])
-        keys = [k for k in mix.vectors if not sdxl or k.startswith(f"{enc}.")]
-        found = {int(mix.vectors[k].shape[-1]) for k in keys}
+        keys = [family.file_key(enc, layer) for layer in mix.layers]
+        found = {int(mix.vectors[k].shape[-1]) for k in keys if k in mix.vectors}
         if found and found != {width}:
             raise XTIError(
                 f"{where}: its vectors are {sorted(found)} wide, this model's {enc} text encoder "
@@ -1164,7 +1284,10 @@ def _check_mix_with(
 
 
 def _check_prompts(
-    cfg: Config, records: list[Any], bundle: ModelBundle, tokens: dict[str, PlaceholderTokens]
+    cfg: Config,
+    records: list[Any],
+    parts: Sequence[EncoderPart],
+    tokens: Mapping[str, PlaceholderTokens],
 ) -> None:
     """Every training prompt (captions or templates) and validation prompt fits CLIP's tokens with
     the placeholder expanded: an error when the placeholder would be cut, a warning otherwise."""
@@ -1177,8 +1300,8 @@ def _check_prompts(
     if cfg.validation.every > 0:
         items += [("validation.prompts", p) for p in cfg.validation.prompts]
     unique = list(dict.fromkeys(items))
-    for name, tok, _ in bundle.text_encoders:
-        check_prompt_lengths(tok, tokens[name], unique)
+    for part in parts:
+        check_prompt_lengths(part.tokenizer, tokens[part.name], unique)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
