@@ -1,5 +1,5 @@
 """Command line interface: ``xti train``, ``xti layers``, ``xti config``, ``xti generate``,
-``xti inspect``, ``xti export``, ``xti cache``.
+``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``.
 
 The CLI only parses arguments and prints; the library does the work. Every `XTIError` becomes one
 line on stderr (``error: …``) and exit status 2, never a traceback.
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from xti.errors import XTIError
 from xti.paths import check_file_name, check_output_dir
@@ -206,6 +207,107 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """``xti sweep FILE --model M``: a layer-sweep grid of one concept, written as one PNG."""
+    import math
+
+    from xti.export import load_embedding_file
+    from xti.inference import XTIAdapter
+    from xti.pipelines import load_pipeline
+    from xti.sweep import run_sweep, save_sweep
+
+    if args.steps < 1 or not math.isfinite(args.guidance) or args.guidance < 0:
+        raise XTIError("--steps must be >= 1 and --guidance a finite number >= 0")
+    width, height = _parse_size(args.size)
+    ef = load_embedding_file(args.file)  # a bad file fails before the model loads
+    placeholder = args.placeholder or ef.metadata.get("xti.placeholder")
+    if not placeholder:
+        raise XTIError(f"{args.file} names no placeholder (a kohya file?): give --placeholder")
+    prompt = args.prompt or f"a photo of {placeholder}"
+    stem = placeholder.strip("<>[]{}") or "concept"
+    out = args.out or os.path.join("outputs", "sweep", f"{stem}-{args.kind}.png")
+    from xti.paths import check_output_file
+
+    check_output_file(out, "--out")
+    with _progress_bars(not args.no_progress):
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    with XTIAdapter(pipe) as adapter:
+        adapter.load(args.file, args.placeholder)
+        result = run_sweep(
+            adapter,
+            placeholder,
+            prompt,
+            kind=args.kind,
+            seeds=args.seeds,
+            window=args.window,
+            neutral=args.neutral,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=height,
+            width=width,
+            progress=None if args.no_progress else _print_progress,
+        )
+    params = {"model": args.model, "file": args.file, "steps": args.steps}
+    params["guidance"] = args.guidance
+    path = save_sweep(result, out, params)
+    print(f"wrote {path} ({len(result.rows)} rows x {len(result.seeds)} seeds)")
+    return 0
+
+
+def _print_progress(done: int, total: int) -> None:
+    """``3/18 images`` on stderr, rewritten in place; a newline after the last."""
+    print(f"\r{done}/{total} images", end="\n" if done == total else "", file=sys.stderr)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    """``xti ui``: the web UI (Gradio; the ``ui`` extra), on 127.0.0.1 unless --host says."""
+    from xti.ui import launch
+
+    launch(host=args.host, port=args.port, model=args.model)
+    return 0
+
+
+def _add_sweep_and_ui(sub: Any) -> None:
+    """The ``sweep`` and ``ui`` subcommands."""
+    from xti.sweep import SWEEP_KINDS
+
+    p = sub.add_parser(
+        "sweep", help="a grid of a concept injected into growing/single/level layers"
+    )
+    p.add_argument("file", help="xti embedding file")
+    p.add_argument("--model", required=True, help="SD 1.x/2.x or SDXL folder, builtin:tiny-sd1")
+    p.add_argument("--prompt", "-p", help="prompt with the placeholder (default 'a photo of <x>')")
+    p.add_argument("--negative-prompt", "-n", help="negative prompt (all layers)")
+    p.add_argument("--kind", choices=SWEEP_KINDS, default="growing", help="rows (default growing)")
+    p.add_argument("--window", type=int, default=1, help="layers per row of --kind sliding")
+    p.add_argument(
+        "--neutral", help="word for the placeholder outside a row's layers (default: initializer)"
+    )
+    p.add_argument("--placeholder", help="the concept's placeholder (kohya files)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one column per seed")
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--size", help="N or WxH in pixels (default: the model's)")
+    p.add_argument("--out", "-o", help="PNG to write (default outputs/sweep/<name>-<kind>.png)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default cuda when available)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("ui", help="web UI: train, mix layers, inspect (needs the ui extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=7860,
+        help="port (default 7860; 0: the first free one from 7860)",
+    )
+    p.add_argument("--model", help="model the tabs start with (default: the demo model)")
+    p.set_defaults(func=_cmd_ui)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -263,34 +365,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="xti", description="Extended Textual Inversion (P+) for Stable Diffusion."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "train", help="train a concept (also: python train.py / accelerate launch train.py)"
-    )
-    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 output_dir=out"
-    )
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("layers", help="print a model's layer names in UNet forward order")
-    p.add_argument("model", help="diffusers model folder (or builtin:tiny-sd1)")
-    p.add_argument("--modules", action="store_true", help="also print the diffusers module path")
-    p.add_argument("--granularity", choices=["block", "transformer"], default="block")
-    p.set_defaults(func=_cmd_layers)
-
-    p = sub.add_parser("config", help="list config keys with defaults, or print a resolved config")
-    p.add_argument("--config", help="YAML config to resolve")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.set_defaults(func=_cmd_config)
-
+def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate", help="generate images with per-layer embeddings, mixing, per-layer prompts"
     )
@@ -337,6 +412,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xti", description="Extended Textual Inversion (P+) for Stable Diffusion."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train", help="train a concept (also: python train.py / accelerate launch train.py)"
+    )
+    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 output_dir=out"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("layers", help="print a model's layer names in UNet forward order")
+    p.add_argument("model", help="diffusers model folder (or builtin:tiny-sd1)")
+    p.add_argument("--modules", action="store_true", help="also print the diffusers module path")
+    p.add_argument("--granularity", choices=["block", "transformer"], default="block")
+    p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser("config", help="list config keys with defaults, or print a resolved config")
+    p.add_argument("--config", help="YAML config to resolve")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_config)
+
+    _add_generate(sub)
+    _add_sweep_and_ui(sub)
 
     p = sub.add_parser("inspect", help="describe an embedding file as JSON")
     p.add_argument("file")

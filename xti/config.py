@@ -287,8 +287,9 @@ class TrainConfig(_Section):
 class TrackingConfig(_Section):
     """Where metrics go."""
 
-    report_to: Literal["wandb", "tensorboard", "none"] = Field(
-        "none", description="Tracker: wandb (offline unless configured), tensorboard or none."
+    report_to: Literal["wandb", "tensorboard", "jsonl", "none"] = Field(
+        "none",
+        description="Tracker: wandb (offline unless configured), tensorboard, jsonl (output_dir/logs/metrics.jsonl, one JSON line per log) or none.",
     )
     project: str = Field("xti", description="Tracker project name.")
     run_name: str | None = Field(None, description="Run name (default: the concept name).")

@@ -1,13 +1,15 @@
-"""The embedding file on disk (DESIGN §6): writing, reading and plain-TI export.
+"""The embedding file on disk (DESIGN §6): writing, reading, inspecting and converting it.
 
 This module owns the ``<name>.xti.safetensors`` layout and its metadata, atomic file writes
 (`atomic_write_bytes`, reused for any file the project writes), loading of xti files and of
 kohya sd-scripts' 16-key SD1 XTI files (pickled ``.pt``/``.bin`` only behind an explicit flag, and
-then only with ``weights_only=True``), and the lossy export to a plain textual-inversion file.
+then only with ``weights_only=True``), `inspect_embedding` (``xti inspect``), and the exports
+(``xti export``): kohya's 16-key file (`export_kohya`) and the lossy plain textual-inversion file
+(`export_ti`).
 
-Layout: SD1.x/SD2.x files have one key per layer (``IN01`` ... ``OUT11``), SDXL files have
-``clip_l.<LAYER>``, ``clip_g.<LAYER>`` and optionally ``clip_g.POOL``; every tensor is
-``[n_vectors, d]`` float32.
+Layout: the key of one encoder's vectors of one layer is the family's (`xti.families`): SD1.x/SD2.x
+files have one key per layer (``IN01`` ... ``OUT11``), SDXL files have ``clip_l.<LAYER>``,
+``clip_g.<LAYER>`` and optionally ``clip_g.POOL``; every tensor is ``[n_vectors, d]`` float32.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ API key is configured; tensorboard writes event files under ``<output_dir>/logs`
 
 `read_wandb_offline_run` parses an offline ``run-*.wandb`` file (LevelDB-log framing of protobuf
 records) so tests and users can check what a run logged without a wandb server.
+
+`JsonlTracker` (``tracking.report_to=jsonl``) appends every logged dict as one JSON line to
+``<output_dir>/logs/metrics.jsonl`` while the run goes: the web UI (`xti.ui`) draws its live loss
+curve from it, and `read_metrics` reads it back.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate.tracking import GeneralTracker
 from PIL import Image
 
 from xti.errors import XTIError
@@ -28,10 +33,13 @@ from xti.families import named
 logger = logging.getLogger("xti")
 
 
-def setup_tracking(report_to: str) -> str | None:
-    """Accelerate's ``log_with`` for a ``tracking.report_to`` value; wandb goes offline without a key."""
+def setup_tracking(report_to: str) -> str | JsonlTracker | None:
+    """Accelerate's ``log_with`` for a ``tracking.report_to`` value; wandb goes offline without a
+    key; ``jsonl`` is a `JsonlTracker` instance (Accelerate takes custom trackers as objects)."""
     if report_to == "none":
         return None
+    if report_to == "jsonl":
+        return JsonlTracker()
     if report_to == "wandb":
         try:
             import wandb  # noqa: F401
@@ -51,6 +59,96 @@ def setup_tracking(report_to: str) -> str | None:
                 "tracking.report_to=tensorboard needs tensorboard: pip install tensorboard"
             ) from None
     return report_to
+
+
+METRICS_FILE = "metrics.jsonl"
+"""File name of the `JsonlTracker` log, in ``<output_dir>/logs``."""
+
+
+class JsonlTracker(GeneralTracker):
+    """An Accelerate tracker that appends each ``accelerator.log(values, step)`` as one JSON line
+    (``{"step": N, ...values}``) to ``<output_dir>/logs/metrics.jsonl``, flushed line by line so
+    another process can follow a run live.
+
+    The folder comes from ``logging_dir`` or, when None, from ``output_dir`` in the run config
+    that `store_init_configuration` receives (training passes the whole flattened config). A new
+    run (``train.resume`` unset) starts the file afresh; a resumed run appends, and `read_metrics`
+    keeps the last line of each step. Non-finite numbers are written as null.
+    """
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, logging_dir: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        self.path: Path | None = Path(logging_dir) / METRICS_FILE if logging_dir else None
+        self._append = True
+
+    @property
+    def tracker(self) -> Path | None:
+        """The file written (Accelerate's handle on the tracker's backend)."""
+        return self.path
+
+    def store_init_configuration(self, values: dict[str, Any]) -> None:
+        """Take the folder from the run config when none was given; start the file afresh for a
+        new run, append for a resumed one."""
+        if self.path is None and values.get("output_dir"):
+            self.path = Path(str(values["output_dir"])) / "logs" / METRICS_FILE
+        self._append = bool(values.get("train.resume"))
+        if self.path is not None and not self._append:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        """Append ``{"step": step, **values}`` as one line (numbers and strings only)."""
+        if self.path is None:
+            raise XTIError("tracking.report_to=jsonl: no output_dir to write metrics.jsonl into")
+        row: dict[str, Any] = {"step": step}
+        for key, value in values.items():
+            clean = _json_scalar(value)
+            if clean is not _SKIP:
+                row[key] = clean
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+_SKIP = object()
+
+
+def _json_scalar(value: Any) -> Any:
+    """A logged value as JSON: numbers (tensors and numpy scalars too; non-finite as None) and
+    strings; anything else is left out (returns `_SKIP`)."""
+    import math
+
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    return _SKIP
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a `JsonlTracker` file in step order, one per step (a later line of the same
+    step, from a resumed run, wins). A missing file is no rows; a line cut off by a write in
+    progress, or not JSON, is skipped."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _wandb_logged_in() -> bool:
@@ -152,6 +250,19 @@ def write_model_card(
     ]
     if grid is not None:
         lines += ["## Samples", "", f"![validation samples]({os.path.relpath(grid, folder)})", ""]
+    lines += _usage_section(c, name=name, rel=rel, family=family, base_model=base_model)
+    path = folder / "README.md"
+    if path.exists() and not _written_by_xti(path):
+        logger.warning("%s was not written by xti: the model card goes to MODEL_CARD.md", path)
+        path = folder / "MODEL_CARD.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def _usage_section(
+    c: dict[str, Any], *, name: str, rel: str, family: str, base_model: str
+) -> list[str]:
+    """The card's "Use it" section: generating with the file in a stock pipeline (runnable)."""
     placeholder = c["concept"]["placeholder"]
     prompt = (
         f"a painting in the style of {placeholder}"
@@ -161,7 +272,7 @@ def write_model_card(
     pipeline = named(family).pipeline_class
     res = c["train"]["resolution"]
     load_lines = _pipeline_source(base_model, pipeline)
-    lines += [
+    return [
         "## Use it",
         "",
         f"Generate with the file in a stock diffusers `{pipeline}` (run this in this folder):",
@@ -197,12 +308,6 @@ def write_model_card(
         "```",
         "",
     ]
-    path = folder / "README.md"
-    if path.exists() and not _written_by_xti(path):
-        logger.warning("%s was not written by xti: the model card goes to MODEL_CARD.md", path)
-        path = folder / "MODEL_CARD.md"
-    atomic_write_bytes(path, "\n".join(lines).encode())
-    return path
 
 
 def _pipeline_source(base_model: str, pipeline: str) -> list[str]:
