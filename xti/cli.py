@@ -64,7 +64,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedding_args(items: list[str]) -> list[tuple[str | None, str]]:
+def embedding_args(items: list[str]) -> list[tuple[str | None, str]]:
     """``--embedding PATH`` or ``--embedding '<tok>=PATH'`` → (placeholder or None, path)."""
     out: list[tuple[str | None, str]] = []
     for item in items:
@@ -97,7 +97,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _parse_size(text: str | None) -> tuple[int | None, int | None]:
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
     if text is None:
         return None, None
     w, sep, h = text.lower().partition("x")
@@ -143,7 +143,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     check_output_dir(args.out_dir, "--out-dir")  # before generating, not after
     mix = parse_assignments(args.mix or [], "--mix", split_last=True)
     layer_prompts = parse_assignments(args.layer_prompt or [], "--layer-prompt", split_last=False)
-    width, height = _parse_size(args.size)
+    width, height = parse_size(args.size)
     freeu = None
     if args.freeu:
         try:
@@ -152,7 +152,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise XTIError("--freeu: expected four numbers s1,s2,b1,b2") from None
         if len(freeu) != 4 or not all(math.isfinite(x) for x in freeu):
             raise XTIError("--freeu: expected four finite numbers s1,s2,b1,b2")
-    embeddings = _embedding_args(args.embedding or [])
+    embeddings = embedding_args(args.embedding or [])
     for _, path in embeddings:  # fail on a bad file before the model loads
         load_embedding_file(path, allow_pickle=args.allow_pickle)
     with _progress_bars(not args.no_progress):
@@ -218,13 +218,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or not math.isfinite(args.guidance) or args.guidance < 0:
         raise XTIError("--steps must be >= 1 and --guidance a finite number >= 0")
-    width, height = _parse_size(args.size)
+    width, height = parse_size(args.size)
     ef = load_embedding_file(args.file)  # a bad file fails before the model loads
     placeholder = args.placeholder or ef.metadata.get("xti.placeholder")
     if not placeholder:
         raise XTIError(f"{args.file} names no placeholder (a kohya file?): give --placeholder")
     prompt = args.prompt or f"a photo of {placeholder}"
-    stem = placeholder.strip("<>[]{}") or "concept"
+    from xti.config import placeholder_stem
+
+    stem = placeholder_stem(placeholder)
     out = args.out or os.path.join("outputs", "sweep", f"{stem}-{args.kind}.png")
     from xti.paths import check_output_file
 

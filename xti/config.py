@@ -329,6 +329,12 @@ class ValidationConfig(_Section):
     )
 
 
+def placeholder_stem(placeholder: str) -> str:
+    """A placeholder as a file-name stem: brackets stripped, other characters made safe."""
+    stem = placeholder.strip().strip("<>[]{}") or "concept"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+
+
 class Config(_Section):
     """A complete training run."""
 
@@ -368,11 +374,8 @@ class Config(_Section):
 
     @property
     def concept_name(self) -> str:
-        """File-name stem of the concept: `name`, or the placeholder stripped of brackets."""
-        if self.name:
-            return self.name
-        stem = self.concept.placeholder.strip("<>[]{}") or "concept"
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+        """File-name stem of the concept: `name`, or the placeholder's (`placeholder_stem`)."""
+        return self.name or placeholder_stem(self.concept.placeholder)
 
 
 PRECISIONS: dict[str, str] = {"no": "no", "fp32": "no", "fp16": "fp16", "bf16": "bf16"}

@@ -180,8 +180,17 @@ def variant_ids(
     input_ids: torch.Tensor, first_id: int, n_vectors: int, num_variants: int
 ) -> torch.Tensor:
     """Make the ``[V, B, T]`` per-variant ids: placeholder ids of variant v are shifted by ``v·n``."""
+    return _shift_placeholders(
+        input_ids, first_id, n_vectors, torch.arange(num_variants, device=input_ids.device)
+    )
+
+
+def _shift_placeholders(
+    input_ids: torch.Tensor, first_id: int, n_vectors: int, variants: torch.Tensor
+) -> torch.Tensor:
+    """``[R, B, T]``: row r is `input_ids` with the placeholder ids of variant ``variants[r]``."""
     is_placeholder = (input_ids >= first_id) & (input_ids < first_id + n_vectors)
-    offsets = torch.arange(num_variants, device=input_ids.device).view(-1, 1, 1) * n_vectors
+    offsets = variants.to(input_ids.device).view(-1, 1, 1) * n_vectors
     return input_ids.unsqueeze(0) + offsets * is_placeholder.unsqueeze(0)
 
 
@@ -203,9 +212,9 @@ def layer_rows(
     Row i is the batch with the placeholder ids of layer i's variant (`variant_of_layer`), then one
     row per `extra_variants` entry (SDXL's POOL slot is variant V).
     """
-    rows = torch.cat([variant_of_layer.cpu(), torch.tensor(list(extra_variants), dtype=torch.long)])
-    every = variant_ids(input_ids, tokens.first_id, tokens.n_vectors, int(rows.max()) + 1)
-    return every[rows.to(every.device)].unsqueeze(0)
+    extra = torch.tensor(list(extra_variants), dtype=torch.long, device=variant_of_layer.device)
+    rows = torch.cat([variant_of_layer, extra])
+    return _shift_placeholders(input_ids, tokens.first_id, tokens.n_vectors, rows).unsqueeze(0)
 
 
 def encode_per_layer(

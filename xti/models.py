@@ -190,7 +190,13 @@ def _finish(
 
 
 def _load_components(
-    location: str, cfg: ModelConfig, source: str, *, local: bool, revision: str | None
+    location: str,
+    cfg: ModelConfig,
+    source: str,
+    *,
+    local: bool,
+    revision: str | None,
+    specs: tuple[EncoderSpec, ...] | None = None,
 ) -> ModelBundle:
     """Load the components from a diffusers folder or hub repository: the UNet, the VAE, and the
     tokenizers and text encoders its family has (`xti.families.specs_of_index`)."""
@@ -200,7 +206,7 @@ def _load_components(
     weights: dict[str, Any] = dict(common)
     if cfg.variant:
         weights["variant"] = cfg.variant
-    specs = _encoder_specs(location, common)
+    specs = specs or _encoder_specs(location, common)
     resolve(
         cfg.family, of_specs(specs), source
     )  # a contradicting model.family fails before loading
@@ -262,7 +268,8 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
-def _check_folder(folder: Path, shown: str) -> None:
+def _check_folder(folder: Path, shown: str) -> tuple[EncoderSpec, ...]:
+    """Fail with one line when a component folder is missing; the text encoders it holds."""
     specs = _encoder_specs(str(folder), {})
     needed = list(COMPONENTS) + [
         n for s in specs for n in (s.tokenizer, s.text_encoder) if n not in COMPONENTS
@@ -275,6 +282,7 @@ def _check_folder(folder: Path, shown: str) -> None:
             "(a diffusers Stable Diffusion folder needs tokenizer/, text_encoder/, unet/, vae/, "
             "scheduler/; for a single .safetensors file give the file itself)"
         )
+    return specs
 
 
 def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
@@ -361,8 +369,8 @@ def load_model(cfg: ModelConfig) -> ModelBundle:
 
     local = Path(path).expanduser()
     if local.is_dir():
-        _check_folder(local, path)
-        return _load_components(str(local), cfg, str(local), local=True, revision=None)
+        specs = _check_folder(local, path)
+        return _load_components(str(local), cfg, str(local), local=True, revision=None, specs=specs)
     if local.is_file():
         return _load_single_file(local, cfg, path)
     if local.exists():

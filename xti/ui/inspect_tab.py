@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from xti.config import placeholder_stem
 from xti.errors import XTIError
 from xti.export import load_embedding_file
 from xti.sweep import SWEEP_KINDS, run_sweep
@@ -21,7 +22,7 @@ from xti.ui.inspection import (
     sweep_command,
 )
 from xti.ui.paths import Defaults, existing_file, model_path
-from xti.ui.train import concept_stem, parse_seeds
+from xti.ui.train import parse_seeds
 
 
 def _whole(value: Any, what: str, minimum: int) -> int:
@@ -246,7 +247,7 @@ def _sweep_handler(gr: Any, cache: PipelineCache) -> Any:
             model=name,
             prompt=text.strip(),
             seeds=seeds,
-            out=f"outputs/sweep/{concept_stem(placeholder)}-{which}.png",
+            out=f"outputs/sweep/{placeholder_stem(placeholder)}-{which}.png",
             **settings,
         )
         rows = len(result.rows)

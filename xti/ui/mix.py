@@ -111,9 +111,9 @@ def parse_layer_prompts(text: str) -> dict[str, str]:
 
 def parse_size(text: str) -> tuple[int | None, int | None]:
     """``512`` or ``512x768`` (empty: the model's size), as ``xti generate --size``."""
-    from xti.cli import _parse_size
+    from xti.cli import parse_size
 
-    return _parse_size(str(text).strip() or None)
+    return parse_size(str(text).strip() or None)
 
 
 def generate(

@@ -12,6 +12,7 @@ import string
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from xti.config import placeholder_stem
 from xti.errors import XTIError
 from xti.paths import check_output_dir
 from xti.ui.common import PipelineCache, guarded, ok
@@ -29,7 +30,7 @@ from xti.ui.mix import (
     save_mix,
 )
 from xti.ui.paths import Defaults, embedding_entries, entry_text, model_path
-from xti.ui.train import concept_stem, parse_seeds
+from xti.ui.train import parse_seeds
 
 
 def _letters(concepts: list[str]) -> list[tuple[str, str]]:
@@ -364,7 +365,7 @@ def _save_handler(cache: PipelineCache) -> Any:
         if not info:
             raise XTIError("load a model and embedding files first")
         target = check_output_dir(folder.strip() or ".", "save into folder")
-        path = Path(target) / f"{concept_stem(name)}.xti.safetensors"
+        path = Path(target) / f"{placeholder_stem(name)}.xti.safetensors"
         with cache.adapter(info["model"], info["files"]) as adapter:
             written = save_mix(
                 adapter,

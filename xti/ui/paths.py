@@ -89,14 +89,9 @@ def embedding_entries(text: str | None, what: str) -> list[tuple[str | None, str
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     if not lines:
         raise XTIError(f"{what}: give at least one file, one per line")
-    entries: list[tuple[str | None, str]] = []
-    for line in lines:
-        token, sep, path = line.partition("=")
-        if sep and token.strip() and path.strip() and not Path(line).expanduser().exists():
-            entries.append((token.strip(), str(existing_file(path, what))))
-        else:
-            entries.append((None, str(existing_file(line, what))))
-    return entries
+    from xti.cli import embedding_args
+
+    return [(token, str(existing_file(path, what))) for token, path in embedding_args(lines)]
 
 
 def entry_text(entry: tuple[str | None, str]) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from xti.config import placeholder_stem
 from xti.errors import XTIError
 from xti.ui.paths import REPO_ROOT, existing_dir, existing_file, model_path, shown
 
@@ -133,19 +134,13 @@ def parse_seeds(text: str, what: str = "seeds") -> list[int]:
     return seeds
 
 
-def concept_stem(placeholder: str) -> str:
-    """The file-name stem of a placeholder (as `xti.config.Config.concept_name` makes it)."""
-    stem = placeholder.strip().strip("<>[]{}") or "concept"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
-
-
 def overrides(form: TrainForm) -> list[str]:
     """The form as ``key=value`` overrides of the base config (metrics always go to jsonl, which
     the live loss curve reads)."""
     prompts = [line.strip() for line in form.prompts.splitlines() if line.strip()]
     items: list[tuple[str, Any]] = [
         ("output_dir", form.output_dir.strip()),
-        ("name", concept_stem(form.placeholder)),
+        ("name", placeholder_stem(form.placeholder)),
         ("model.path", form.model.strip()),
         ("data.dir", form.images.strip()),
         ("concept.placeholder", form.placeholder.strip()),
