@@ -90,6 +90,7 @@ class ModelFamily:
     pipeline_class: str
     uses_time_ids = False
     has_pool_slot = False
+    pool_encoder: str | None = None  # the encoder whose extra vector set is the POOL slot
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -154,6 +155,11 @@ class ModelFamily:
             if v.shape[0] > num_variants:
                 out[self.file_key(enc, POOL)] = v[num_variants].clone()
         return out
+
+    @property
+    def pool_key(self) -> str | None:
+        """The file key of the POOL vectors (None for a family without the slot)."""
+        return None if self.pool_encoder is None else self.file_key(self.pool_encoder, POOL)
 
     def pool_vectors(self, ef: Any, where: str) -> torch.Tensor | None:
         """A file's POOL vectors when its pooled embeds come from them (None: layer mean)."""
@@ -271,7 +277,7 @@ class StableDiffusionXL(ModelFamily):
 
     def expected_keys(self, layers):
         required, _ = super().expected_keys(layers)
-        return required, [self.file_key(self.pool_encoder, POOL)]
+        return required, [self.pool_key]
 
     def ti_key(self, encoder: str) -> str:
         return encoder
@@ -286,7 +292,7 @@ class StableDiffusionXL(ModelFamily):
         return {"add_watermarker": False}
 
     def pool_vectors(self, ef, where):
-        key = self.file_key(self.pool_encoder, POOL)
+        key = self.pool_key
         pool = ef.vectors.get(key)
         mode = ef.metadata.get("xti.pooled") or ("slot" if pool is not None else "mean")
         if mode not in ("slot", "mean"):

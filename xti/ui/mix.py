@@ -16,7 +16,6 @@ prompt names (what those layers see when generating).
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -205,10 +204,7 @@ def generate_commands(
 
 def _base_concept(adapter: Any, prompt: str | None) -> str | None:
     """The first loaded concept (loading order) whose placeholder the prompt contains."""
-    for placeholder in adapter.concepts:
-        if prompt and re.search(re.escape(placeholder), prompt):
-            return placeholder
-    return None
+    return next((p for p in adapter.concepts if prompt and p in prompt), None)
 
 
 def mixed_vectors(
@@ -216,8 +212,6 @@ def mixed_vectors(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The saved mix's tensors ``{file key: [n, d]}`` and facts for its metadata: each layer the
     vectors of its concept (layers left to the prompt: the prompt's first concept)."""
-    from xti.families import POOL
-
     concepts = adapter.concepts
     base = _base_concept(adapter, prompt)
     owners = []
@@ -243,8 +237,8 @@ def mixed_vectors(
             tensors[family.file_key(encoder, name)] = concepts[owner].encoder_vectors[encoder][i]
     pool_owner = base or owners[0]
     pool = concepts[pool_owner].pool
-    if pool is not None:
-        tensors[family.file_key(family.encoder_names[-1], POOL)] = pool
+    if pool is not None and family.pool_key is not None:
+        tensors[family.pool_key] = pool
     dims = {
         enc: int(concepts[owners[0]].encoder_vectors[enc].shape[-1]) for enc in family.encoder_names
     }
@@ -267,9 +261,8 @@ def save_mix(
         raise XTIError("mix name: one word without spaces, e.g. <my-mix>")
     tensors, facts = mixed_vectors(adapter, board, prompt)
     mix = mix_of(adapter.scheme, board, list(adapter.concepts))
-    extra = {"xti.mix": json.dumps(mix)}
-    if adapter.family.has_pool_slot:
-        extra["xti.pooled"] = "slot" if facts["pooled"] else "mean"
+    pooled = "slot" if facts["pooled"] else "mean"
+    extra = {"xti.mix": json.dumps(mix), **(adapter.family.metadata_extra(pooled) or {})}
     meta = build_metadata(
         layers=adapter.layer_names,
         granularity=adapter.scheme.granularity,
