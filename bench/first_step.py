@@ -3,6 +3,7 @@ cache instead of running the VAE.
 
     python bench/first_step.py                      # SD1.5-shaped random weights, 512 px, fp32
     python bench/first_step.py --model builtin:tiny-sd1 --config configs/tiny.yaml --resolution 32
+    python bench/first_step.py --smoke              # the line above (CI)
 
 With the default model it first builds an SD1.5-shaped diffusers folder with random weights from the
 reference configs (`xti.demo.builders`; ~4 GB in ``$XTI_CACHE/bench/sd15-random``, a minute or two, once).
@@ -71,7 +72,12 @@ def main() -> None:
     ap.add_argument("--data", default="data/tiny-concept")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument(
+        "--smoke", action="store_true", help="builtin:tiny-sd1 at 32 px with configs/tiny.yaml (CI)"
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.config, args.resolution = "builtin:tiny-sd1", "configs/tiny.yaml", 32
 
     from xti.paths import cache_dir
 

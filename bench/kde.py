@@ -2,7 +2,8 @@
 
     python bench/kde.py                  # λ 0, 0.01, 0.03, 0.1, 1; 50, 150, 300 steps; 8 seeds
     python bench/kde.py --steps 2,4 --weights 0,0.1 --seeds 1 --modes block \\
-        --concepts striped-cross --threads 1 --work-dir /tmp/kdetest       # a smoke test
+        --concepts striped-cross --threads 1 --work-dir /tmp/kdetest       # a short run
+    python bench/kde.py --smoke          # seconds: the smallest of the above in a temporary folder (CI)
 
 For every concept of --concepts (default: the demo object striped-cross and the demo style
 teal-dotted, each with its config in `xti.demo.quality.DEMO_CONFIGS`), every mode of --modes (`block` =
@@ -37,15 +38,15 @@ import argparse
 import time
 from pathlib import Path
 
-from common import REPO, add_common_arguments, start
+from common import REPO, add_common_arguments, smoke, start
 
 from xti.config import load_config
 from xti.demo import procedural as P
 from xti.demo import quality as Q
 from xti.embeddings import initializer_vectors
 from xti.export import load_embedding_file
-from xti.inference import load_pipeline
 from xti.kde import KDERegularizer
+from xti.pipelines import load_pipeline
 
 MODES = {"block": "XTI", "shared": "TI"}
 COLUMNS = ["recon all", "recon dist", "edit colour", "edit shape", "mix both"]
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--style", default="teal-dotted", help="style mixed into object concepts")
     add_common_arguments(ap, "outputs/bench-kde")
     args = ap.parse_args()
+    smoke(args, steps="2", weights="0,0.1", seeds=1, modes="block", concepts="striped-cross")
     budgets = sorted({int(s) for s in args.steps.split(",")})
     weights = sorted({float(w) for w in args.weights.split(",")})
     modes = args.modes.split(",")

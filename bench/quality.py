@@ -2,6 +2,7 @@
 
     python bench/quality.py                       # 3 objects; 10, 25, 50, 100, 250, 500 steps; 8 seeds
     python bench/quality.py --steps 50,100 --seeds 4 --concepts striped-cross --work-dir /tmp/q --reuse
+    python bench/quality.py --smoke               # seconds: 2 steps, 1 seed, XTI only (CI)
 
 For each mode (`block` = XTI, `shared` = classic TI through the same code) it trains every object
 concept of --concepts (default: all of `xti.demo.procedural.DEMO_OBJECTS`, each with its config in
@@ -38,12 +39,12 @@ import argparse
 import time
 from pathlib import Path
 
-from common import REPO, add_common_arguments, start
+from common import REPO, add_common_arguments, smoke, start
 
 from xti.config import load_config
 from xti.demo import procedural as P
 from xti.demo import quality as Q
-from xti.inference import load_pipeline
+from xti.pipelines import load_pipeline
 
 MODES = {"block": "XTI", "shared": "TI"}
 COLUMNS = list(Q.SCORES)
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.9, help="'recon all' level to reach")
     add_common_arguments(ap, "outputs/bench-quality")
     args = ap.parse_args()
+    smoke(args, steps="2", seeds=1, modes="block", concepts="striped-cross")
     budgets = sorted({int(s) for s in args.steps.split(",")})
     modes = args.modes.split(",")
     names = args.concepts.split(",")

@@ -4,6 +4,7 @@
     python bench/step.py --model tiny-sdxl --batch 2          # tiny SDXL-layout model (2 encoders)
     python bench/step.py --model sd15 --steps 3               # SD1.5-shaped random weights, 64x64
     python bench/step.py --model sdxl --device cuda --mixed-precision bf16 [--gradient-checkpointing]
+    python bench/step.py --smoke                              # seconds: tiny, one step per mode (CI)
 
 Both modes run the same `xti.training.compute_loss` + AdamW step on the same model and batch in one
 process, alternating, so the ratio is meaningful even on a noisy machine. It also counts text-encoder
@@ -91,7 +92,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 1 step per mode, CPU (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.batch, args.steps, args.device, args.latent_size = (
+            "tiny",
+            1,
+            1,
+            "cpu",
+            None,
+        )
+        torch.set_num_threads(1)
 
     t_load = time.perf_counter()
     parts, size = load(args.model)

@@ -4,7 +4,10 @@ One learned embedding per cross-attention layer of the UNet, trained with an Acc
 regulariser, exported to safetensors. See README.md for usage and ../shared/DESIGN.md for contracts.
 """
 
+from xti import quiet
 from xti.errors import XTIError
+
+quiet.install()
 
 __version__ = "0.1.0"
 
