@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from xti.errors import XTIError
-from xti.export import atomic_write_bytes
 from xti.families import of_pipeline
+from xti.paths import atomic_write_bytes
 
 PathLike = str | os.PathLike[str]
 

@@ -1,32 +1,20 @@
-"""The training step maths and the one `train()` loop (DESIGN §3).
+r"""The training run (DESIGN §3): `train()` and the `Trainer` that wires the step into an Accelerate
+loop.
 
-The step is built from small pure functions:
+The step's maths (sampling a batch from ``(seed, micro-step)``, the objective, `compute_loss`) lives in
+`xti.step`; what a run reports (step scalars, timing, the frozen-run warning) in `xti.tracking`; the
+checks of its inputs in `xti.checks`; what makes a run trustworthy on disk (folder lock and
+ownership, run identity, pickle-free checkpoints, stop signals, non-finite guards) in `xti.runs`.
 
-* `step_generator` / `sample_batch`: everything random about a micro-step (which image, which
-  augmentation, which prompt, latent sample, noise, timesteps) is a function of ``(seed, micro-step)``
-  alone. The *global* batch is drawn and each process takes its slice, so resuming is exact and
-  N processes × B images equal one process × N·B images.
-* `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR).
-* `compute_loss`: encode per-layer contexts (each text encoder runs once, through the per-layer
-  encoder inference shares, `xti.embeddings.encode_per_layer`), run the UNet with them.
-* the KDE term (`xti.kde.add_relative_kde_gradient`) joins the gradient once per optimizer step,
-  scaled relative to the complete diffusion gradient; `warn_if_frozen` watches for runs that
-  do not move.
-
-``tests/test_step_maths.py`` checks the sampling and objective functions one by one against their
-formulas; `compute_loss` and the loop are checked end to end (shared mode against an independent
-textual-inversion step, exact resume, DDP against one process) in ``tests/test_training.py`` and
-others. Whatever differs between SD 1.x/2.x and SDXL (text encoders, pooled embeds, ``time_ids``,
-file keys, the validation pipeline) the model's `xti.families.ModelFamily` answers.
-
-`train()` wires these into an Accelerate loop, a `Trainer` made of small steps (setup, optimizer
-step, after-step events: log, validate, checkpoint, snapshot; after-run events: summary, model
-card, run record): mixed precision with fp32 vectors, gradient accumulation, DDP over the vectors
-only, checkpoints and exact resume, snapshots, export, metrics. What makes a run trustworthy on
-disk (folder lock and ownership, run identity, pickle-free checkpoints, stop signals, non-finite
-guards) lives in `xti.runs`; the `Trainer` calls it. Everything it changes on the caller's models
-(concept embeddings, attention processors, gradient checkpointing) and Accelerate's process-wide
-state is undone on every way out.
+The `Trainer` holds a handful of named parts, each a small record built by one step of its visible
+`Trainer.setup` (concept plan, run identity, data, models, optimizer), runs the optimizer steps
+(the accumulated diffusion gradient, the KDE term joined once per optimizer step relative to it,
+clipping, AdamW) and then the after-step events (log, validate, checkpoint, snapshot) and the
+after-run events (summary, model card, run record). Callers may add their own `TrainCallback`\ s
+(checkpoint saved, validation images saved, run finished). Mixed precision with fp32 vectors,
+gradient accumulation, DDP over the vectors only, exact resume. Everything it changes on the
+caller's models (concept embeddings, attention processors, gradient checkpointing) and
+Accelerate's process-wide state is undone on every way out.
 """
 
 from __future__ import annotations
@@ -37,8 +25,6 @@ import functools
 import io
 import json
 import logging
-import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,269 +36,60 @@ from torch import nn
 
 from xti import runs
 from xti.attention import install_processors
-from xti.config import Config
-from xti.data import (
-    augment,
-    check_captions,
-    check_prompt_lengths,
-    load_images,
-    pick_augmentations,
-    prompts_per_image,
+from xti.checks import (
+    check_mix_with,
+    check_prompts,
+    check_resolution,
+    load_mix_with,
+    resume_checkpoint,
 )
+from xti.config import Config
+from xti.data import augment, check_captions, load_images, prompts_per_image
 from xti.embeddings import (
     ConceptSet,
     ConceptVectors,
-    PlaceholderTokens,
     add_placeholder_tokens,
-    encode_per_layer,
     initializer_vectors,
     install_token_embedding,
     layer_variants,
-    tokenize,
 )
 from xti.errors import XTIError
-from xti.export import (
-    EmbeddingFile,
-    atomic_write_bytes,
-    build_metadata,
-    load_embedding_file,
-    save_embedding_file,
-)
-from xti.families import EncoderPart, ModelFamily
-from xti.inference import match_layers
+from xti.export import EmbeddingFile, build_metadata, save_embedding_file
+from xti.families import EncoderPart
 from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
-from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
-from xti.layers import LayerScheme, layer_scheme
+from xti.latent_cache import LatentDiskCache, cached_latents
+from xti.layers import layer_scheme
 from xti.models import ModelBundle, load_model
+from xti.paths import atomic_write_bytes
+from xti.step import (
+    Batch,
+    PromptTable,
+    StepModels,
+    compute_loss,
+    relative_movement,
+    sample_batch,
+)
 from xti.tracking import (
+    TIMING_KEYS,
     Smoother,
+    flat_config,
+    frozen_check_at,
     log_images,
     log_table,
+    median,
+    nearest_vocabulary_tokens,
+    peak_memory_gb,
+    per_encoder,
+    process_age,
+    run_timing,
     setup_tracking,
+    step_logs,
+    warn_if_frozen,
     write_model_card,
 )
 from xti.validation import DEFAULT_VALIDATION_PROMPTS, validation_grid
 
 logger = logging.getLogger("xti")
-
-
-# ----------------------------------------------------------------------------- step maths
-
-
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """CPU generator for one micro-step, a pure function of the run seed and the micro-step."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + micro_step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (
-        2**63
-    )
-    return torch.Generator().manual_seed(mixed)
-
-
-@dataclass
-class Batch:
-    """One process's share of a micro-step: latents, noise, timesteps and prompt ids.
-
-    ``ids`` holds the prompts' ``[B, T]`` token ids per text encoder (keyed by encoder name:
-    ``text``, or ``clip_l`` and ``clip_g``); ``time_ids`` the per-sample ``[B, 6]`` size
-    conditioning (original size, crop top-left, target size) of families that use it (SDXL).
-    """
-
-    latents: torch.Tensor
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    ids: dict[str, torch.Tensor]
-    image_ids: torch.Tensor
-    time_ids: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            latents=self.latents.to(device),
-            noise=self.noise.to(device),
-            timesteps=self.timesteps.to(device),
-            ids={name: ids.to(device) for name, ids in self.ids.items()},
-            image_ids=self.image_ids.to(device),
-            time_ids=self.time_ids.to(device) if self.time_ids is not None else None,
-        )
-
-
-@dataclass
-class PromptTable:
-    """All prompts tokenized once: per text encoder ``ids[name]: [P, T]`` and, per image, the rows
-    it may use."""
-
-    ids: dict[str, torch.Tensor]
-    first_row: torch.Tensor  # [num_images] first row of each image's prompts
-    count: torch.Tensor  # [num_images] number of prompts of each image
-
-    @classmethod
-    def build(
-        cls,
-        tokenizers: Mapping[str, Any],
-        prompts: list[list[str]],
-        tokens: Mapping[str, PlaceholderTokens],
-    ) -> PromptTable:
-        """Tokenize every image's prompts with each encoder's tokenizer (``{name: tokenizer}``),
-        the placeholder expanded to that tokenizer's tokens (``{name: PlaceholderTokens}``)."""
-        flat = [p for per_image in prompts for p in per_image]
-        count = torch.tensor([len(p) for p in prompts])
-        first = torch.cumsum(count, 0) - count
-        ids = {
-            name: tokenize(tok, [tokens[name].expand(p) for p in flat])
-            for name, tok in tokenizers.items()
-        }
-        return cls(ids, first, count)
-
-
-def sample_batch(
-    cache: Any,
-    prompts: PromptTable,
-    *,
-    num_train_timesteps: int,
-    global_batch: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    micro_step: int,
-    flip_p: float,
-    noise_offset: float = 0.0,
-    resolution: int | None = None,
-) -> Batch:
-    """Draw the global batch of a micro-step and return this process's slice.
-
-    With `resolution` (the trainer passes it when the family `uses_time_ids`) and a cache that
-    knows crop positions, the batch carries ``time_ids``.
-    """
-    g = step_generator(seed, micro_step)
-    num_images = len(prompts.count)
-    image_ids = torch.randint(num_images, (global_batch,), generator=g)
-    aug = pick_augmentations(cache, image_ids, flip_p, g)
-    latents = cache.sample(aug, g)
-    pick = (torch.rand(global_batch, generator=g) * prompts.count[image_ids]).long()
-    rows = prompts.first_row[image_ids] + pick.clamp(max=prompts.count[image_ids] - 1)
-    noise = torch.randn(latents.shape, generator=g)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-    timesteps = torch.randint(0, num_train_timesteps, (global_batch,), generator=g)
-    time_ids = None
-    original = getattr(cache, "original_size", None)
-    if resolution is not None and original is not None:
-        target = torch.tensor([resolution, resolution]).expand(global_batch, 2)
-        time_ids = torch.cat([original[aug], cache.crop_top_left[aug], target], dim=1).float()
-    per = global_batch // world_size
-    s = slice(rank * per, (rank + 1) * per)
-    return Batch(
-        latents=latents[s],
-        noise=noise[s],
-        timesteps=timesteps[s],
-        ids={name: table[rows][s] for name, table in prompts.ids.items()},
-        image_ids=image_ids[s],
-        time_ids=time_ids[s] if time_ids is not None else None,
-    )
-
-
-def diffusion_target(
-    scheduler,
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:
-    """The regression target: the noise (epsilon) or the velocity (v_prediction)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise XTIError(f"unsupported prediction_type '{prediction_type}' (epsilon or v_prediction)")
-
-
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at the timesteps (fp32)."""
-    ac = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return ac / (1.0 - ac).clamp(min=1e-12)
-
-
-def snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma per-sample loss weights (Hang et al. 2023) for epsilon or v targets."""
-    clipped = torch.minimum(snr_values, torch.full_like(snr_values, gamma))
-    if prediction_type == "v_prediction":
-        return clipped / (snr_values + 1.0)
-    return clipped / snr_values.clamp(min=1e-8)
-
-
-def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean squared error in fp32, optionally weighted per sample."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean()
-
-
-@dataclass
-class StepModels:
-    """The frozen models and concept wiring that one step needs.
-
-    ``parts`` are the family's text encoders (carrying the concept's token embedding) and
-    ``tokens`` each one's placeholder tokens, keyed by encoder name; ``pooled`` says where SDXL's
-    pooled ``text_embeds`` come from (``slot`` or ``mean``, see `ModelFamily.vector_sets`).
-    """
-
-    family: ModelFamily
-    parts: list[EncoderPart]
-    unet: nn.Module
-    scheduler: Any
-    tokens: dict[str, PlaceholderTokens]
-    variant_of_layer: torch.Tensor
-    num_variants: int
-    prediction_type: str
-    dtype: torch.dtype = torch.float32
-    pooled: str = "slot"
-
-
-def compute_loss(
-    m: StepModels,
-    batch: Batch,
-    *,
-    snr_gamma: float | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Diffusion loss of one micro-step (the KDE term is added to the gradient once per optimizer
-    step instead, by `xti.kde.add_relative_kde_gradient`).
-
-    Args:
-        m: models and concept wiring (the text encoders must carry the concept token embedding).
-        batch: this process's batch, on the models' device.
-        snr_gamma: min-SNR gamma, or None for plain MSE.
-
-    Returns:
-        The scalar loss and a dict of detached parts: ``mse``.
-    """
-    contexts, pooled = encode_per_layer(
-        m.family, m.parts, batch.ids, m.tokens, m.variant_of_layer, m.num_variants, m.pooled
-    )
-    added_cond = m.family.added_cond(pooled, batch.time_ids, m.dtype)
-    contexts = contexts.to(m.dtype)
-    noisy = m.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    pred = m.unet(
-        noisy.to(m.dtype),
-        batch.timesteps,
-        encoder_hidden_states=contexts[0],
-        added_cond_kwargs=added_cond,
-        cross_attention_kwargs={"xti_contexts": contexts},
-    ).sample
-    target = diffusion_target(
-        m.scheduler, batch.latents, batch.noise, batch.timesteps, m.prediction_type
-    )
-    weights = None
-    if snr_gamma is not None:
-        weights = snr_weights(snr(m.scheduler, batch.timesteps), snr_gamma, m.prediction_type)
-    mse = diffusion_loss(pred, target, weights)
-    return mse, {"mse": mse.detach()}
-
-
-FROZEN_CHECK_AT = 0.1
-"""Fraction of `train.max_steps` after which a run that has not moved is called frozen."""
-FROZEN_THRESHOLD = 0.01
-"""A run is frozen when its vectors moved less than this fraction of their initial norm."""
 
 
 def build_kdes(
@@ -337,36 +114,6 @@ def build_kdes(
     return out
 
 
-def relative_movement(vectors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
-    """``||V - V0|| / ||V0||`` over all encoders' vectors together (0 when V0 is all zeros)."""
-    moved = sum(
-        float((vectors[k].detach().float() - v.float()).square().sum()) for k, v in initial.items()
-    )
-    size = sum(float(v.float().square().sum()) for v in initial.values())
-    return math.sqrt(moved / size) if size > 0 else 0.0
-
-
-def frozen_check_at(max_steps: int, warmup_steps: int) -> int:
-    """The step at which `warn_if_frozen` looks: after `FROZEN_CHECK_AT` of the run, and not
-    before the learning-rate warm-up is over (a run still warming up has barely moved by design)."""
-    return min(max_steps, max(1, math.ceil(FROZEN_CHECK_AT * max_steps), warmup_steps))
-
-
-def warn_if_frozen(cfg: Config, moved: float, step: int) -> bool:
-    """Warn (once, by the caller) when the vectors moved less than `FROZEN_THRESHOLD` of their
-    initial norm; True when it warned."""
-    if moved >= FROZEN_THRESHOLD:
-        return False
-    logger.warning(
-        "the run looks frozen: after %d of %d steps the vectors moved %.3g%% of their initial norm "
-        "(under %g%%). Raise train.lr (now %g) or lower kde.weight (now %g); check "
-        "train.lr_warmup_steps (now %d) too.",
-        step, cfg.train.max_steps, 100 * moved, 100 * FROZEN_THRESHOLD, cfg.train.lr,
-        cfg.kde.weight, cfg.train.lr_warmup_steps,
-    )  # fmt: skip
-    return True
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -387,42 +134,8 @@ class TrainResult:
     samples_file: Path | None = None  # the last validation grid (PNG), when validation ran
 
 
-def resume_checkpoint(cfg: Config, out: Path) -> runs.Checkpoint | None:
-    """The checkpoint `train.resume` names, read and checked (None for a new run).
-
-    ``latest`` is the newest checkpoint of the run recorded in ``output_dir`` (``xti-run.json``),
-    never another run's; ``auto`` is the same, or None when that run has no checkpoint.
-    """
-    resume = cfg.train.resume
-    if not resume:
-        return None
-    if resume not in ("latest", "auto"):
-        return runs.read_checkpoint(Path(resume))
-    folder = out / runs.CHECKPOINTS
-    run_id = (runs.read_owner(out) or {}).get("run_id")
-    latest = runs.latest_checkpoint(folder, run_id) if isinstance(run_id, str) else None
-    if latest is not None:
-        return runs.read_checkpoint(latest)
-    if resume == "auto":
-        return None
-    if not isinstance(run_id, str):
-        raise XTIError(
-            f"train.resume=latest: {out} holds no xti run to resume (no {runs.OWNER_FILE}); start a "
-            "new run, or give a checkpoint folder"
-        )
-    raise XTIError(f"train.resume=latest: no complete checkpoint of run {run_id[:8]} in {folder}")
-
-
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def _check_resolution(cfg: Config, vae) -> None:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.train.resolution % factor:
-        raise XTIError(
-            f"train.resolution={cfg.train.resolution} must be a multiple of {factor} for this model's VAE"
-        )
 
 
 def train(
@@ -495,7 +208,7 @@ class Trainer:
         stop_at_step: int | None = None,
     ) -> None:
         self.t0 = time.perf_counter()
-        self.process_age = _process_age()  # seconds from the process start to this call
+        self.process_age = process_age()  # seconds from the process start to this call
         self.cfg, self.tc, self.bundle = cfg, cfg.train, bundle
         self.progress, self.stop_at_step = progress, stop_at_step
         self.out = Path(cfg.output_dir).expanduser()
@@ -553,12 +266,12 @@ class Trainer:
             resumed_run=self.resume_from.run_id if self.resume_from else None,
             overwrite=self.tc.overwrite,
         )
-        self.mix_file = _load_mix_with(cfg)
+        self.mix_file = load_mix_with(cfg)
         self.records = load_images(cfg.data)
         check_captions(self.records, cfg.concept.placeholder)
         if self.bundle is None:
             self.bundle = load_model(cfg.model)
-        _check_resolution(cfg, self.bundle.vae)
+        check_resolution(cfg, self.bundle.vae)
         self.identity = runs.model_identity(self.bundle)  # before the models are cast
         self.family = self.bundle.family
         self.parts = self.bundle.text_encoders
@@ -589,10 +302,10 @@ class Trainer:
         self.variant_of_layer = layer_variants(len(self.scheme), self.granularity)
         self.num_variants = 1 if self.granularity == "shared" else len(self.scheme)
         self.pooled = cfg.xti.pooled
-        _check_prompts(cfg, self.records, parts, self.tokens)
+        check_prompts(cfg, self.records, parts, self.tokens)
         # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
         self.kdes = build_kdes(cfg, parts, self.embeddings)
-        _check_mix_with(cfg, self.mix_file, self.scheme, self.family, self.embeddings)
+        check_mix_with(cfg, self.mix_file, self.scheme, self.family, self.embeddings)
 
     def setup_accelerator(self) -> None:
         """The Accelerator (devices, processes, mixed precision), the seed, the run identity."""
@@ -780,7 +493,7 @@ class Trainer:
             run_name = cfg.tracking.run_name or self.name
             self.accelerator.init_trackers(
                 cfg.tracking.project,
-                config=_flat_config(cfg),
+                config=flat_config(cfg),
                 init_kwargs={
                     "wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(self.out)}
                 },
@@ -896,7 +609,7 @@ class Trainer:
         if s.step == self.frozen_check_step and self.is_main:
             warn_if_frozen(self.cfg, self.moved(), s.step)
         self.bar.set_postfix(  # the median of the last steps: tqdm's own rate is a moving mean
-            {"loss": f"{s.loss:.4f}", "s/step": f"{_median(self.step_seconds[-20:]):.3g}"},
+            {"loss": f"{s.loss:.4f}", "s/step": f"{median(self.step_seconds[-20:]):.3g}"},
             refresh=False,
         )
         self.bar.update(1)
@@ -907,10 +620,10 @@ class Trainer:
     # ------------------------------------------------------------------ after-step events
 
     def log_if_due(self, s: StepOutcome) -> None:
-        """Every `train.log_every` steps and at the end step: the step's scalars (`_step_logs`)."""
+        """Every `train.log_every` steps and at the end step: the step's scalars (`step_logs`)."""
         if s.step % self.tc.log_every and s.step != self.end_step:
             return
-        logs = _step_logs(
+        logs = step_logs(
             s.loss,
             s.loss_parts,
             self.lr_scheduler.get_last_lr()[0],
@@ -925,7 +638,7 @@ class Trainer:
         logs["loss_smoothed"] = self.smooth.update(s.loss)
         logs["step_time"] = s.seconds
         logs["samples_per_s"] = self.global_batch * self.accum / s.seconds
-        logs["peak_memory_gb"] = _peak_memory_gb(self.device)
+        logs["peak_memory_gb"] = peak_memory_gb(self.device)
         self.accelerator.log(logs, step=s.step)
 
     def validate_if_due(self, s: StepOutcome) -> None:
@@ -1081,7 +794,7 @@ class Trainer:
     ) -> dict[str, dict[str, list[str]]]:
         """Per text encoder (default: all) and layer, each vector's nearest vocabulary token."""
         return {
-            p.name: _nearest_tokens(
+            p.name: nearest_vocabulary_tokens(
                 self.kdes[p.name],
                 self.raw_concept.sets[p.name].vectors,
                 self.variant_of_layer,
@@ -1144,7 +857,7 @@ class Trainer:
             ),
             "mixed_precision": self.accelerator.mixed_precision,
             "device": str(self.device),
-            "nearest_tokens": _per_encoder(self.nearest_tokens()),
+            "nearest_tokens": per_encoder(self.nearest_tokens()),
         }
         atomic_write_bytes(self.out / "summary.json", json.dumps(self.summary, indent=1).encode())
 
@@ -1174,145 +887,6 @@ class Trainer:
         runs.write_owner(self.out, self.owner)
 
 
-def _per_encoder(values: dict[str, Any]) -> Any:
-    """``summary.json``'s shape of a per-encoder value: the value itself for a model with one text
-    encoder, ``{encoder: value}`` for several."""
-    return next(iter(values.values())) if len(values) == 1 else values
-
-
-TIMING_KEYS = (
-    "setup_seconds",
-    "launch_to_first_step_seconds",
-    "latent_seconds",
-    "latent_cache",
-    "latents_encoded",
-    "latents_total",
-    "median_step_seconds",
-    "steps_timed",
-    "mixed_precision",
-    "device",
-)
-"""The timing fields of ``summary.json`` (and the model card), see `run_timing`."""
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started (None where psutil cannot tell)."""
-    try:
-        import psutil  # a dependency of accelerate
-
-        return time.time() - psutil.Process().create_time()
-    except Exception:
-        return None
-
-
-def run_timing(
-    setup_seconds: float | None,
-    latents: LatentReport,
-    step_seconds: list[float],
-    process_age: float | None = None,
-) -> dict[str, Any]:
-    """The timing fields of ``summary.json``: ``setup_seconds`` (from `train()` to the first step
-    of this process), ``launch_to_first_step_seconds`` (from the process start, interpreter and
-    imports included), ``latent_seconds`` and ``latent_cache`` (hit, miss, partial or off) with
-    ``latents_encoded`` of ``latents_total`` going through the VAE, and ``median_step_seconds``
-    over the ``steps_timed`` optimizer steps this process ran (validation and checkpoints not
-    included). `process_age` is the process's age when `train()` was called. (The summary adds
-    ``mixed_precision`` and ``device``, which the times depend on.)"""
-    launch = None
-    if setup_seconds is not None and process_age is not None:
-        launch = round(process_age + setup_seconds, 2)
-    return {
-        "setup_seconds": round(setup_seconds, 2) if setup_seconds is not None else None,
-        "launch_to_first_step_seconds": launch,
-        "latent_seconds": round(latents.seconds, 2),
-        "latent_cache": latents.status,
-        "latents_encoded": latents.encoded,
-        "latents_total": latents.total,
-        "median_step_seconds": round(_median(step_seconds), 4) if step_seconds else None,
-        "steps_timed": len(step_seconds),
-    }
-
-
-def _load_mix_with(cfg: Config) -> EmbeddingFile | None:
-    """`validation.mix_with`, loaded before the model (one-line errors naming the file)."""
-    path = cfg.validation.mix_with
-    if not path:
-        return None
-    if not Path(path).is_file():
-        raise XTIError(f"validation.mix_with: {path} does not exist")
-    return load_embedding_file(path)
-
-
-def _check_mix_with(
-    cfg: Config,
-    mix: EmbeddingFile | None,
-    scheme: LayerScheme,
-    family: ModelFamily,
-    embeddings: Mapping[str, nn.Module],
-) -> None:
-    """Fail before training when the mixing file or `validation.mix_layers` cannot fit the model."""
-    if mix is None:
-        return
-    where = f"validation.mix_with: {cfg.validation.mix_with}"
-    other = mix.model_family
-    if other.specs != family.specs:  # SD 1.x and 2.x files share a layout (widths checked below)
-        raise XTIError(
-            f"{where} is an {other.label} file ({other.name}), but the model is {family.label}"
-        )
-    if match_layers(mix.layers, scheme) is None:
-        raise XTIError(
-            f"{where}: its layers ({', '.join(mix.layers[:4])}, ...) do not fit this model's "
-            f"({', '.join(scheme.names[:4])}, ...)"
-        )
-    for enc, emb in embeddings.items():
-        width = int(emb.weight.shape[-1])
-        keys = [family.file_key(enc, layer) for layer in mix.layers]
-        found = {int(mix.vectors[k].shape[-1]) for k in keys if k in mix.vectors}
-        if found and found != {width}:
-            raise XTIError(
-                f"{where}: its vectors are {sorted(found)} wide, this model's {enc} text encoder "
-                f"takes {width}"
-            )
-    try:
-        scheme.select(cfg.validation.mix_layers)
-    except XTIError as err:
-        raise XTIError(f"validation.mix_layers: {err}") from None
-
-
-def _check_prompts(
-    cfg: Config,
-    records: list[Any],
-    parts: Sequence[EncoderPart],
-    tokens: Mapping[str, PlaceholderTokens],
-) -> None:
-    """Every training prompt (captions or templates) and validation prompt fits CLIP's tokens with
-    the placeholder expanded: an error when the placeholder would be cut, a warning otherwise."""
-    placeholder = cfg.concept.placeholder
-    per_image = prompts_per_image(records, placeholder, cfg.data.template)
-    items = []
-    for rec, prompts_ in zip(records, per_image, strict=True):
-        where = rec.source if rec.caption is not None else f"data.template={cfg.data.template}"
-        items += [(where, p) for p in prompts_]
-    if cfg.validation.every > 0:
-        items += [("validation.prompts", p) for p in cfg.validation.prompts]
-    unique = list(dict.fromkeys(items))
-    for part in parts:
-        check_prompt_lengths(part.tokenizer, tokens[part.name], unique)
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocated on GPUs, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def _release_accelerator_state() -> None:
     """Forget this run's Accelerate settings so a later `train()` in the same process may use
     another mixed precision (Accelerate keeps them in a process-wide singleton). The process
@@ -1321,85 +895,3 @@ def _release_accelerator_state() -> None:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-
-
-def _flat_config(cfg: Config) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = (
-                node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
-            )
-
-    walk("", cfg.model_dump(mode="json"))
-    return flat
-
-
-def _step_logs(
-    loss: float,
-    parts: dict[str, Any],
-    lr: float,
-    grad_norm: torch.Tensor,
-    vectors: dict[str, torch.Tensor],
-    variant_of_layer: torch.Tensor,
-    layer_names: list[str],
-    *,
-    kdes: dict[str, KDERegularizer] | None = None,
-    kde_stats: dict[str, KDEStats] | None = None,
-    moved: float | None = None,
-) -> dict[str, float]:
-    """Scalars of one step: loss parts, lr, gradient norm (after the KDE and clipping), the KDE
-    figures (K, ``grad_norm/diffusion``, ``grad_norm/kde``, ``kde/effective_weight``, summed over
-    encoders; present when the KDE was applied this step), ``vectors/moved`` (``||V - V0|| /
-    ||V0||``), and per layer the mean vector norm and KDE value (``norm/<layer>``, ``kde/<layer>``;
-    ``norm/<encoder>/<layer>`` when there are two encoders)."""
-    logs: dict[str, float] = {
-        "loss": loss,
-        "mse": float(parts["mse"]),
-        "lr": float(lr),
-        "grad_norm": float(grad_norm),
-    }
-    if moved is not None:
-        logs["vectors/moved"] = moved
-    if kde_stats:
-        logs["grad_norm/diffusion"] = math.sqrt(
-            sum(x.grad_diffusion**2 for x in kde_stats.values())
-        )
-        logs["grad_norm/kde"] = math.sqrt(sum(x.grad_kde**2 for x in kde_stats.values()))
-        logs["kde/effective_weight"] = max(x.effective_weight for x in kde_stats.values())
-    kdes = kdes or {}
-    kde_total = 0.0
-    for enc, tensor in vectors.items():
-        prefix = f"{enc}/" if len(vectors) > 1 else ""
-        norms = tensor.detach().float().norm(dim=-1).mean(-1)  # [V]
-        kde_v = None
-        if enc in kdes:
-            with torch.no_grad():
-                kde_v = kdes[enc](tensor.detach())  # [V, n]
-            kde_total += float(kde_v.mean())
-        for i, name in enumerate(layer_names):
-            v = int(variant_of_layer[i])
-            logs[f"norm/{prefix}{name}"] = float(norms[v])
-            if kde_v is not None:
-                logs[f"kde/{prefix}{name}"] = float(kde_v[v].mean())
-    if kdes:
-        logs["kde"] = kde_total
-    return logs
-
-
-def _nearest_tokens(
-    kde, vectors: torch.Tensor, variant_of_layer: torch.Tensor, layer_names: list[str], tokenizer
-) -> dict[str, list[str]]:
-    if kde is None:
-        return {}
-    with torch.no_grad():
-        _, idx = kde.nearest(vectors.detach().float().reshape(-1, vectors.shape[-1]), k=1)
-    idx = idx.reshape(vectors.shape[0], vectors.shape[1], -1)[..., 0]
-    out = {}
-    for i, name in enumerate(layer_names):
-        out[name] = tokenizer.convert_ids_to_tokens(idx[int(variant_of_layer[i])].tolist())
-    return out
