@@ -36,6 +36,14 @@ from torch import nn
 
 from xti import runs
 from xti.attention import install_processors
+from xti.callbacks import (
+    CheckpointSaved,
+    EventLog,
+    RunFinished,
+    TrainCallback,
+    ValidationImagesSaved,
+    dispatch,
+)
 from xti.checks import (
     check_mix_with,
     check_prompts,
@@ -48,6 +56,7 @@ from xti.data import augment, check_captions, load_images, prompts_per_image
 from xti.embeddings import (
     ConceptSet,
     ConceptVectors,
+    PlaceholderTokens,
     add_placeholder_tokens,
     initializer_vectors,
     install_token_embedding,
@@ -57,8 +66,8 @@ from xti.errors import XTIError
 from xti.export import EmbeddingFile, build_metadata, save_embedding_file
 from xti.families import EncoderPart
 from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
-from xti.latent_cache import LatentDiskCache, cached_latents
-from xti.layers import layer_scheme
+from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
+from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
 from xti.paths import atomic_write_bytes
 from xti.step import (
@@ -144,6 +153,7 @@ def train(
     bundle: ModelBundle | None = None,
     progress: bool = True,
     stop_at_step: int | None = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainResult:
     """Train one concept as configured and export it.
 
@@ -161,6 +171,8 @@ def train(
         progress: show a progress bar on the main process.
         stop_at_step: stop (after checkpointing, if due) once this step is reached, as if interrupted;
             the final export is skipped. For chunked runs and resume tests.
+        callbacks: `xti.callbacks.TrainCallback`\\ s told (on the main process) about each
+            checkpoint, validation grid and the end of the run.
 
     Returns:
         A `TrainResult`; the main process's `output_file` is the exported ``.xti.safetensors``.
@@ -169,7 +181,9 @@ def train(
         XTIError: bad input, detected before anything is written; or a diverged run (non-finite
             loss or vectors), stopped without exporting.
     """
-    with Trainer(cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step) as trainer:
+    with Trainer(
+        cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step, callbacks=callbacks
+    ) as trainer:
         trainer.setup()
         trainer.run_steps()
         return trainer.finish()
@@ -187,14 +201,84 @@ class StepOutcome:
     seconds: float
 
 
-class Trainer:
-    """One `train()` run, in small steps; all its state lives in its attributes.
+# ----------------------------------------------------------------------------- the Trainer's parts
 
-    `setup` checks the input and builds everything (config, models, data, concept, optimizer),
-    `run_steps` runs the optimizer steps, each followed by the `after_step` events (log, validate,
-    checkpoint and snapshot when due), and `finish` exports and runs the `after_run` events
-    (summary, model card, run record). Used as a context manager: on every way out (an error, a
-    stop signal, the end) `cleanup` puts back what the run changed on the caller's models (concept
+
+@dataclass
+class RunInputs:
+    """What the run reads before anything is written, each checked (`xti.checks`)."""
+
+    resume_from: runs.Checkpoint | None  # the checkpoint `train.resume` names
+    mix_file: EmbeddingFile | None  # `validation.mix_with`
+    records: list[Any]  # the training images (`xti.data.ImageRecord`)
+    bundle: ModelBundle  # the model, fp32 on the CPU
+    identity: dict[str, Any]  # the model's identity (`xti.runs.model_identity`), before any cast
+
+
+@dataclass
+class ConceptPlan:
+    """What the concept is on this model: its placeholder tokens and initial vectors per text
+    encoder, the layer scheme and which vector set each layer reads, and the KDEs."""
+
+    tokens: dict[str, PlaceholderTokens]
+    inits: dict[str, torch.Tensor]  # per encoder, the initializer's [n, d] vectors
+    granularity: str  # `xti.granularity`
+    block_scheme: str  # the layer scheme's granularity: block or transformer
+    scheme: LayerScheme
+    variant_of_layer: torch.Tensor  # [L] the vector set each layer reads
+    num_variants: int
+    pooled: str  # `xti.pooled`
+    kdes: dict[str, KDERegularizer]  # per encoder (values always logged; gradient when weight > 0)
+    clean_tokenizers: dict[str, Any]  # copies without the placeholder (validation pipelines)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.scheme.names
+
+
+@dataclass
+class RunIdentity:
+    """Which run this is: its id, its fingerprint, where it resumes from, its ownership record."""
+
+    run_id: str
+    fingerprint: dict[str, Any]
+    resume_from: runs.Checkpoint | None
+    owner: dict[str, Any] = field(default_factory=dict)  # ``xti-run.json`` (main process)
+
+
+@dataclass
+class RunData:
+    """The training data: latent distributions per distinct augmentation and the prompt table."""
+
+    cache: Any  # `xti.data.LatentCache`
+    latent_report: LatentReport
+    prompts: PromptTable
+
+
+@dataclass
+class Optimization:
+    """The trainable vectors and what moves them."""
+
+    raw: ConceptSet  # the vectors (what the text encoders read)
+    wrapped: nn.Module  # the same, as Accelerate prepared it (DDP-wrapped with several processes)
+    initial: dict[str, torch.Tensor]  # the vectors at the start (for `vectors/moved`)
+    optimizer: Any
+    lr_scheduler: Any
+
+
+# ----------------------------------------------------------------------------- the Trainer
+
+
+class Trainer:
+    """One `train()` run: a handful of named parts built by `setup`, then the steps.
+
+    `setup` reads and checks the inputs, plans the concept, starts Accelerate, establishes the run's
+    identity and claims the folder, prepares the data, the models and the optimizer, resumes and
+    starts the trackers. `run_steps` runs the optimizer steps, each followed by the `after_step`
+    events (log, validate, checkpoint and snapshot when due), and `finish` exports and runs the
+    `after_run` events (summary, model card, run record); the `callbacks` hear about checkpoints,
+    validation grids and the end. Used as a context manager: on every way out (an error, a stop
+    signal, the end) `cleanup` puts back what the run changed on the caller's models (concept
     embeddings, attention processors, gradient checkpointing), restores the signal handlers,
     releases the folder lock and forgets Accelerate's process-wide settings.
     """
@@ -206,15 +290,18 @@ class Trainer:
         bundle: ModelBundle | None = None,
         progress: bool = True,
         stop_at_step: int | None = None,
+        callbacks: Sequence[TrainCallback] = (),
     ) -> None:
         self.t0 = time.perf_counter()
         self.process_age = process_age()  # seconds from the process start to this call
-        self.cfg, self.tc, self.bundle = cfg, cfg.train, bundle
+        self.cfg, self.tc, self.given_bundle = cfg, cfg.train, bundle
         self.progress, self.stop_at_step = progress, stop_at_step
         self.out = Path(cfg.output_dir).expanduser()
         self.name = cfg.concept_name
         self.cleanup = contextlib.ExitStack()
         self.hooks: list[Any] = []  # installed concept embeddings and processors
+        self.callbacks: list[TrainCallback] = [EventLog(self.out), *callbacks]
+        # progress, updated by the steps
         self.step = self.start_step = 0
         self.losses: list[tuple[int, float]] = []
         self.step_seconds: list[float] = []  # this process's steps: bar, summary, model card
@@ -222,8 +309,8 @@ class Trainer:
         self.saved_checkpoint: Path | None = None  # the newest checkpoint this run wrote
         self.saved_step: int | None = None  # the step of the newest checkpoint
         self.last_grid: Path | None = None  # the newest validation grid
-        self.owner: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
+        self.bar: Any = None  # the progress bar while the steps run
         self.after_step: list[Callable[[StepOutcome], None]] = [
             self.log_if_due,
             self.validate_if_due,
@@ -234,6 +321,7 @@ class Trainer:
             self.write_summary,
             self.write_model_card,
             self.record_end,
+            self.announce_end,
         ]
 
     def __enter__(self) -> Trainer:
@@ -245,130 +333,154 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Everything that can fail on bad input happens before the first write, and what needs no
-        model (output folder, resume checkpoint, validation files, images) before the model loads."""
-        self.check_inputs()
-        self.setup_concept()
-        self.setup_accelerator()
+        """Build the run's parts in order. Everything that can fail on bad input happens before the
+        first write, and what needs no model (output folder, resume checkpoint, validation files,
+        images) before the model loads."""
+        self.inputs = self.read_inputs()
+        self.bundle = self.inputs.bundle
+        self.family, self.parts = self.bundle.family, self.bundle.text_encoders
+        self.plan = self.plan_concept()
+        self.accelerator = self.start_accelerator()  # seeds torch: after the plan, as always
+        self.device = self.accelerator.device
+        self.dtype = _weight_dtype(self.accelerator.mixed_precision)
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.run = self.identify_run()
         self.claim_folder()
-        self.setup_data()
-        self.setup_models()
-        self.setup_optimizer()
+        self.data = self.prepare_data()
+        self.models = self.prepare_models()
+        self.opt = self.make_optimizer()
+        self.install_training_hooks()
+        self.cleanup.callback(self.remove_training_hooks)
         self.resume()
-        self.setup_tracking()
+        self.start_trackers()
+        self.smooth = Smoother()
+        self.mix_with = self.inputs.mix_file if self.is_main else None
+        self.global_batch = self.tc.batch_size * self.world
+        self.accum = self.tc.gradient_accumulation_steps
+        self.end_step = self.tc.max_steps
+        if self.stop_at_step is not None:
+            self.end_step = min(self.tc.max_steps, self.stop_at_step)
+        self.frozen_check_step = frozen_check_at(self.tc.max_steps, self.tc.lr_warmup_steps)
+        # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
+        self.stop = self.cleanup.enter_context(runs.StopSignals(defer_always=self.world > 1))
 
-    def check_inputs(self) -> None:
+    def read_inputs(self) -> RunInputs:
         """The resume checkpoint, the output folder, the mixing file, the images, the model."""
         cfg = self.cfg
-        self.resume_from = resume_checkpoint(cfg, self.out)
+        resume_from = resume_checkpoint(cfg, self.out)
         runs.check_output_folder(
             self.out,
-            resumed_run=self.resume_from.run_id if self.resume_from else None,
+            resumed_run=resume_from.run_id if resume_from else None,
             overwrite=self.tc.overwrite,
         )
-        self.mix_file = load_mix_with(cfg)
-        self.records = load_images(cfg.data)
-        check_captions(self.records, cfg.concept.placeholder)
-        if self.bundle is None:
-            self.bundle = load_model(cfg.model)
-        check_resolution(cfg, self.bundle.vae)
-        self.identity = runs.model_identity(self.bundle)  # before the models are cast
-        self.family = self.bundle.family
-        self.parts = self.bundle.text_encoders
+        mix_file = load_mix_with(cfg)
+        records = load_images(cfg.data)
+        check_captions(records, cfg.concept.placeholder)
+        bundle = self.given_bundle if self.given_bundle is not None else load_model(cfg.model)
+        check_resolution(cfg, bundle.vae)
+        identity = runs.model_identity(bundle)  # before the models are cast
+        return RunInputs(resume_from, mix_file, records, bundle, identity)
 
-    def setup_concept(self) -> None:
+    def plan_concept(self) -> ConceptPlan:
         """Placeholder tokens, initial vectors, layers and vector sets, KDEs; prompt checks."""
         cfg, parts = self.cfg, self.parts
         concept = cfg.concept
         # Validation pipelines need the tokenizers without our placeholder tokens; copy them only then.
-        self.clean_tokenizers = (
-            {p.name: copy.deepcopy(p.tokenizer) for p in parts} if cfg.validation.every > 0 else {}
-        )
-        self.tokens = {
+        clean = {p.name: copy.deepcopy(p.tokenizer) for p in parts} if cfg.validation.every else {}
+        tokens = {
             p.name: add_placeholder_tokens(p.tokenizer, concept.placeholder, concept.n_vectors)
             for p in parts
         }
-        self.embeddings = {p.name: p.text_encoder.get_input_embeddings() for p in parts}
-        self.inits = {
+        embeddings = {p.name: p.text_encoder.get_input_embeddings() for p in parts}
+        inits = {
             p.name: initializer_vectors(
-                p.tokenizer, self.embeddings[p.name], concept.initializer, concept.n_vectors
+                p.tokenizer, embeddings[p.name], concept.initializer, concept.n_vectors
             )
             for p in parts
         }
-        self.granularity = cfg.xti.granularity
-        self.block_scheme = "transformer" if self.granularity == "transformer" else "block"
-        self.scheme = layer_scheme(self.bundle.unet, self.block_scheme)
-        self.layer_names = self.scheme.names
-        self.variant_of_layer = layer_variants(len(self.scheme), self.granularity)
-        self.num_variants = 1 if self.granularity == "shared" else len(self.scheme)
-        self.pooled = cfg.xti.pooled
-        check_prompts(cfg, self.records, parts, self.tokens)
+        granularity = cfg.xti.granularity
+        block_scheme = "transformer" if granularity == "transformer" else "block"
+        scheme = layer_scheme(self.bundle.unet, block_scheme)
+        check_prompts(cfg, self.inputs.records, parts, tokens)
         # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
-        self.kdes = build_kdes(cfg, parts, self.embeddings)
-        check_mix_with(cfg, self.mix_file, self.scheme, self.family, self.embeddings)
+        kdes = build_kdes(cfg, parts, embeddings)
+        check_mix_with(cfg, self.inputs.mix_file, scheme, self.family, embeddings)
+        return ConceptPlan(
+            tokens=tokens,
+            inits=inits,
+            granularity=granularity,
+            block_scheme=block_scheme,
+            scheme=scheme,
+            variant_of_layer=layer_variants(len(scheme), granularity),
+            num_variants=1 if granularity == "shared" else len(scheme),
+            pooled=cfg.xti.pooled,
+            kdes=kdes,
+            clean_tokenizers=clean,
+        )
 
-    def setup_accelerator(self) -> None:
-        """The Accelerator (devices, processes, mixed precision), the seed, the run identity."""
+    def start_accelerator(self) -> Any:
+        """The Accelerator (devices, processes, mixed precision, trackers) and the seed."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         tc, out = self.tc, self.out
-        self.report_to = setup_tracking(self.cfg.tracking.report_to)
-        self.accelerator = Accelerator(
+        accelerator = Accelerator(
             mixed_precision=tc.mixed_precision,
-            log_with=self.report_to,
+            log_with=setup_tracking(self.cfg.tracking.report_to),
             project_config=ProjectConfiguration(
                 project_dir=str(out), logging_dir=str(out / "logs")
             ),
         )
         self.cleanup.callback(_release_accelerator_state)
         set_seed(tc.seed)
-        self.device = self.accelerator.device
-        self.dtype = _weight_dtype(self.accelerator.mixed_precision)
-        self.world = self.accelerator.num_processes
-        self.is_main = self.accelerator.is_main_process
-        # The run's identity; a resumed checkpoint must match it (or train.resume_force).
-        self.fingerprint = runs.run_fingerprint(self.cfg, self.identity, world=self.world)
-        self.run_id = runs.new_run_id()
-        resume_from = self.resume_from
+        return accelerator
+
+    def identify_run(self) -> RunIdentity:
+        """The run's identity; a resumed checkpoint must match it (or train.resume_force)."""
+        fingerprint = runs.run_fingerprint(self.cfg, self.inputs.identity, world=self.world)
+        run_id = runs.new_run_id()
+        resume_from = self.inputs.resume_from
         if resume_from is not None:
-            runs.compare_fingerprints(resume_from, self.fingerprint, force=tc.resume_force)
-            self.run_id = resume_from.run_id
-            later = runs.run_checkpoints(out / runs.CHECKPOINTS, self.run_id)
+            runs.compare_fingerprints(resume_from, fingerprint, force=self.tc.resume_force)
+            run_id = resume_from.run_id
+            later = runs.run_checkpoints(self.out / runs.CHECKPOINTS, run_id)
             if later and later[-1].step > resume_from.step:
                 # Resuming an earlier checkpoint forks the run: the newer ones are another future.
-                self.run_id = runs.new_run_id()
+                run_id = runs.new_run_id()
                 logger.warning(
                     "resuming %s, an earlier checkpoint than its run's newest (%s): this "
                     "continuation is a new run (%s)", resume_from.path, later[-1].path,
-                    self.run_id[:8],
+                    run_id[:8],
                 )  # fmt: skip
+        return RunIdentity(run_id, fingerprint, resume_from)
 
     def claim_folder(self) -> None:
         """The main process locks the output folder, cleans up killed writes, records the owner."""
         if not self.is_main:
             return
+        run = self.run
         self.out.mkdir(parents=True, exist_ok=True)
         lock = runs.OutputLock(self.out)
-        lock.acquire(runs.lock_info(self.run_id))
+        lock.acquire(runs.lock_info(run.run_id))
         self.cleanup.callback(lock.release)
         runs.remove_stale_tmp(self.out)
-        self.owner = {
-            "run_id": self.run_id,
-            "fingerprint": self.fingerprint,
+        run.owner = {
+            "run_id": run.run_id,
+            "fingerprint": run.fingerprint,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed_from": str(self.resume_from.path) if self.resume_from else None,
+            "resumed_from": str(run.resume_from.path) if run.resume_from else None,
             "status": "running",
         }
-        runs.write_owner(self.out, self.owner)
+        runs.write_owner(self.out, run.owner)
 
-    def setup_data(self) -> None:
+    def prepare_data(self) -> RunData:
         """Latent distributions once per distinct augmentation, in fp32 (from the disk cache when
         this VAE encoded these pixels before: the VAE is then neither moved nor called), and the
         tokenized prompts."""
-        cfg, tc = self.cfg, self.tc
+        cfg, tc, records = self.cfg, self.tc, self.inputs.records
         aug = augment(
-            self.records,
+            records,
             tc.resolution,
             center_crop=cfg.data.center_crop,
             random_crops=cfg.data.random_crops,
@@ -376,7 +488,7 @@ class Trainer:
             seed=tc.seed,
         )
         disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
-        self.cache, self.latent_report = cached_latents(
+        cache, report = cached_latents(
             self.bundle.vae,
             aug,
             cfg.data.encode_batch_size,
@@ -385,17 +497,18 @@ class Trainer:
             progress=self.progress and self.is_main,
         )
         if self.is_main:
-            logger.info("latents: %s", self.latent_report.describe())
-        self.prompts = PromptTable.build(
+            logger.info("latents: %s", report.describe())
+        prompts = PromptTable.build(
             {p.name: p.tokenizer for p in self.parts},
-            prompts_per_image(self.records, cfg.concept.placeholder, cfg.data.template),
-            self.tokens,
+            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
+            self.plan.tokens,
         )
+        return RunData(cache, report, prompts)
 
-    def setup_models(self) -> None:
-        """Freeze the models and move them to the device (and the mixed-precision dtype); build the
-        trainable vectors and install the training hooks (removed again on the way out)."""
-        unet = self.bundle.unet
+    def prepare_models(self) -> StepModels:
+        """Freeze the models and move them to the device (and the mixed-precision dtype), the KDEs
+        too; what one step needs of them."""
+        unet, plan = self.bundle.unet, self.plan
         for model in (unet, *(p.text_encoder for p in self.parts)):
             model.requires_grad_(False)
             model.eval()
@@ -405,109 +518,100 @@ class Trainer:
         if self.tc.gradient_checkpointing and not unet.is_gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             self.cleanup.callback(unet.disable_gradient_checkpointing)
-        self.raw_concept = ConceptSet(
+        plan.kdes = {name: reg.to(self.device) for name, reg in plan.kdes.items()}
+        return StepModels(
+            family=self.family,
+            parts=self.parts,
+            unet=unet,
+            scheduler=self.bundle.noise_scheduler,
+            tokens=plan.tokens,
+            variant_of_layer=plan.variant_of_layer.to(self.device),
+            num_variants=plan.num_variants,
+            prediction_type=self.bundle.prediction_type,
+            dtype=self.dtype,
+            pooled=plan.pooled,
+        )
+
+    def make_optimizer(self) -> Optimization:
+        """The trainable vectors, AdamW over them only, the learning-rate schedule, Accelerate's
+        wrapping."""
+        from diffusers.optimization import get_scheduler
+
+        tc, plan = self.tc, self.plan
+        raw = ConceptSet(
             {
                 p.name: ConceptVectors(
-                    self.inits[p.name],
-                    self.family.vector_sets(p.name, self.num_variants, self.pooled),
+                    plan.inits[p.name],
+                    self.family.vector_sets(p.name, plan.num_variants, plan.pooled),
                 )
                 for p in self.parts
             }
         )
-        self.concept: nn.Module = self.raw_concept  # the Accelerate/DDP-wrapped one after prepare
-        self.install_training_hooks()
-        self.cleanup.callback(self.remove_training_hooks)
-        self.kdes = {name: reg.to(self.device) for name, reg in self.kdes.items()}
-        self.initial_vectors = {k: v.detach().clone() for k, v in self.raw_concept().items()}
+        initial = {k: v.detach().clone() for k, v in raw().items()}
+        optimizer = torch.optim.AdamW(
+            raw.parameters(),
+            lr=runs.effective_lr(tc, self.world),
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_epsilon,
+            weight_decay=tc.weight_decay,
+        )
+        lr_scheduler = get_scheduler(
+            tc.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=tc.lr_warmup_steps,
+            num_training_steps=tc.max_steps,
+        )
+        wrapped, optimizer = self.accelerator.prepare(raw, optimizer)
+        raw = self.accelerator.unwrap_model(wrapped)
+        return Optimization(raw, wrapped, initial, optimizer, lr_scheduler)
 
     def install_training_hooks(self) -> None:
         """Each text encoder reads its raw parameter; the wrapped module's forward is called once
         per step so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate
         once. The UNet gets the per-layer attention processors."""
         for p in self.parts:
-            first_id = self.tokens[p.name].first_id
+            first_id = self.plan.tokens[p.name].first_id
             vectors = functools.partial(self.concept_vectors, p.name)
             self.hooks.append(install_token_embedding(p.text_encoder, first_id, vectors))
-        self.hooks.append(install_processors(self.bundle.unet, self.scheme))
+        self.hooks.append(install_processors(self.bundle.unet, self.plan.scheme))
 
     def concept_vectors(self, encoder: str) -> torch.Tensor:
         """One encoder's raw ``[V, n, d]`` vector parameter (what its token embedding reads)."""
-        return self.raw_concept.sets[encoder].vectors
+        return self.opt.raw.sets[encoder].vectors
 
     def remove_training_hooks(self) -> None:
         """Put the original token embeddings and attention processors back (newest first)."""
         while self.hooks:
             self.hooks.pop().remove()
 
-    def setup_optimizer(self) -> None:
-        """AdamW over the vectors only, the learning-rate schedule, Accelerate's wrapping."""
-        from diffusers.optimization import get_scheduler
-
-        tc = self.tc
-        optimizer = torch.optim.AdamW(
-            self.raw_concept.parameters(),
-            lr=runs.effective_lr(tc, self.world),
-            betas=(tc.adam_beta1, tc.adam_beta2),
-            eps=tc.adam_epsilon,
-            weight_decay=tc.weight_decay,
-        )
-        self.lr_scheduler = get_scheduler(
-            tc.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=tc.lr_warmup_steps,
-            num_training_steps=tc.max_steps,
-        )
-        self.concept, self.optimizer = self.accelerator.prepare(self.raw_concept, optimizer)
-        self.raw_concept = self.accelerator.unwrap_model(self.concept)
-        self.models = StepModels(
-            family=self.family,
-            parts=self.parts,
-            unet=self.bundle.unet,
-            scheduler=self.bundle.noise_scheduler,
-            tokens=self.tokens,
-            variant_of_layer=self.variant_of_layer.to(self.device),
-            num_variants=self.num_variants,
-            prediction_type=self.bundle.prediction_type,
-            dtype=self.dtype,
-            pooled=self.pooled,
-        )
-
     def resume(self) -> None:
         """Load the resume checkpoint (every process reads it; only safetensors and JSON)."""
-        if self.resume_from is None:
+        resume_from = self.run.resume_from
+        if resume_from is None:
             return
         self.start_step = self.step = runs.load_checkpoint(
-            self.resume_from,
-            module=self.raw_concept,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
+            resume_from,
+            module=self.opt.raw,
+            optimizer=self.opt.optimizer,
+            lr_scheduler=self.opt.lr_scheduler,
             scaler=self.accelerator.scaler,
         )
         if self.is_main:
-            logger.info("resumed from %s at step %d", self.resume_from.path, self.start_step)
+            logger.info("resumed from %s at step %d", resume_from.path, self.start_step)
 
-    def setup_tracking(self) -> None:
-        """Experiment trackers, the step bookkeeping and the stop-signal handlers."""
-        cfg, tc = self.cfg, self.tc
-        if self.report_to:
-            run_name = cfg.tracking.run_name or self.name
-            self.accelerator.init_trackers(
-                cfg.tracking.project,
-                config=flat_config(cfg),
-                init_kwargs={
-                    "wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(self.out)}
-                },
-            )
-        self.smooth = Smoother()
-        self.mix_with = self.mix_file if self.is_main else None
-        self.global_batch = tc.batch_size * self.world
-        self.accum = tc.gradient_accumulation_steps
-        self.end_step = (
-            tc.max_steps if self.stop_at_step is None else min(tc.max_steps, self.stop_at_step)
+    def start_trackers(self) -> None:
+        """The experiment trackers (when `tracking.report_to` names any)."""
+        cfg = self.cfg
+        if cfg.tracking.report_to == "none":
+            return
+        run_name = cfg.tracking.run_name or self.name
+        self.accelerator.init_trackers(
+            cfg.tracking.project,
+            config=flat_config(cfg),
+            init_kwargs={
+                "wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(self.out)}
+            },
         )
-        self.frozen_check_step = frozen_check_at(tc.max_steps, tc.lr_warmup_steps)
-        # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
-        self.stop = self.cleanup.enter_context(runs.StopSignals(defer_always=self.world > 1))
 
     # ------------------------------------------------------------------ steps
 
@@ -540,8 +644,8 @@ class Trainer:
     def micro_batch(self, micro_step: int) -> Batch:
         """This process's batch of one micro-step, on the device."""
         return sample_batch(
-            self.cache,
-            self.prompts,
+            self.data.cache,
+            self.data.prompts,
             num_train_timesteps=self.bundle.noise_scheduler.config.num_train_timesteps,
             global_batch=self.global_batch,
             rank=self.accelerator.process_index,
@@ -566,9 +670,9 @@ class Trainer:
         for micro in range(accum):
             batch = self.micro_batch(self.step * accum + micro)
             last = micro == accum - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(self.concept):
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.opt.wrapped):
                 with accelerator.autocast():
-                    self.concept()  # DDP's forward; the text encoders read the raw parameters
+                    self.opt.wrapped()  # DDP's forward; the text encoders read the raw parameters
                     loss, parts = compute_loss(self.models, batch, snr_gamma=self.tc.snr_gamma)
                 accelerator.backward(loss / accum)
             total_loss += loss.detach() / accum
@@ -577,17 +681,17 @@ class Trainer:
         accelerator.unscale_gradients()
         kde_stats = None
         if self.cfg.kde.weight > 0:
-            vectors = {n: self.raw_concept.sets[n].vectors for n in self.kdes}
-            kde_stats = add_relative_kde_gradient(vectors, self.kdes, self.cfg.kde.weight)
-        params = list(self.raw_concept.parameters())
+            vectors = {n: self.opt.raw.sets[n].vectors for n in self.plan.kdes}
+            kde_stats = add_relative_kde_gradient(vectors, self.plan.kdes, self.cfg.kde.weight)
+        params = list(self.opt.raw.parameters())
         if self.tc.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
         else:
             grad_norm = torch.cat([p.grad.detach().flatten() for p in params]).norm()
-        self.optimizer.step()
+        self.opt.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.opt.lr_scheduler.step()
+        self.opt.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
         seconds = time.perf_counter() - t_step  # .item() waited for the device
@@ -600,7 +704,7 @@ class Trainer:
         runs.check_finite_step(
             s.step,
             s.loss,
-            self.raw_concept(),
+            self.opt.raw(),
             last_finite=self.losses[-1] if self.losses else None,
             last_checkpoint=self.saved_checkpoint,
         )
@@ -615,7 +719,7 @@ class Trainer:
         self.bar.update(1)
 
     def moved(self) -> float:
-        return relative_movement(self.raw_concept(), self.initial_vectors)
+        return relative_movement(self.opt.raw(), self.opt.initial)
 
     # ------------------------------------------------------------------ after-step events
 
@@ -626,12 +730,12 @@ class Trainer:
         logs = step_logs(
             s.loss,
             s.loss_parts,
-            self.lr_scheduler.get_last_lr()[0],
+            self.opt.lr_scheduler.get_last_lr()[0],
             s.grad_norm,
-            self.raw_concept(),
-            self.variant_of_layer,
-            self.layer_names,
-            kdes=self.kdes,
+            self.opt.raw(),
+            self.plan.variant_of_layer,
+            self.plan.layer_names,
+            kdes=self.plan.kdes,
             kde_stats=s.kde_stats,
             moved=self.moved(),
         )
@@ -663,28 +767,31 @@ class Trainer:
     def file_vectors(self) -> dict[str, torch.Tensor]:
         """The embedding file's tensors of the current vectors (keys as the family writes them)."""
         return self.family.file_vectors(
-            self.raw_concept(), self.variant_of_layer, self.layer_names, self.num_variants
+            self.opt.raw(),
+            self.plan.variant_of_layer,
+            self.plan.layer_names,
+            self.plan.num_variants,
         )
 
     def export(self, path: Path) -> Path:
         """Write the current vectors as an ``.xti.safetensors`` file (never non-finite ones)."""
-        bad = runs.non_finite(self.raw_concept())
+        bad = runs.non_finite(self.opt.raw())
         if bad:  # never write (or replace a file with) a diverged embedding
             raise XTIError(f"{path}: not written, the {', '.join(bad)} vectors are not finite")
         c = self.cfg.concept
         meta = build_metadata(
-            layers=self.layer_names,
-            granularity=self.granularity,
+            layers=self.plan.layer_names,
+            granularity=self.plan.granularity,
             placeholder=c.placeholder,
             initializer=c.initializer,
             n_vectors=c.n_vectors,
             family=self.family.name,
             base_model=self.bundle.source,
-            text_dims={name: int(init.shape[-1]) for name, init in self.inits.items()},
+            text_dims={name: int(init.shape[-1]) for name, init in self.plan.inits.items()},
             kde_weight=self.cfg.kde.weight,
             steps=self.step,
             title=self.name,
-            extra=self.family.metadata_extra(self.pooled),
+            extra=self.family.metadata_extra(self.plan.pooled),
         )
         return save_embedding_file(path, self.file_vectors(), meta)
 
@@ -695,15 +802,16 @@ class Trainer:
             self.saved_checkpoint = runs.save_checkpoint(
                 folder,
                 step=step,
-                run_id=self.run_id,
-                fingerprint=self.fingerprint,
+                run_id=self.run.run_id,
+                fingerprint=self.run.fingerprint,
                 config=self.cfg.model_dump(mode="json"),
-                module=self.raw_concept,
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
+                module=self.opt.raw,
+                optimizer=self.opt.optimizer,
+                lr_scheduler=self.opt.lr_scheduler,
                 scaler=self.accelerator.scaler,
             )
-            runs.prune_checkpoints(folder, self.run_id, self.tc.checkpoints_total_limit)
+            runs.prune_checkpoints(folder, self.run.run_id, self.tc.checkpoints_total_limit)
+            dispatch(self.callbacks, CheckpointSaved(step, self.saved_checkpoint))
         self.saved_step = step
         self.accelerator.wait_for_everyone()
 
@@ -733,7 +841,8 @@ class Trainer:
 
         bundle = self.bundle
         parts = [
-            EncoderPart(p.name, self.clean_tokenizers[p.name], p.text_encoder) for p in self.parts
+            EncoderPart(p.name, self.plan.clean_tokenizers[p.name], p.text_encoder)
+            for p in self.parts
         ]
         pipe = self.family.build_pipeline(
             vae=bundle.vae.to(self.device),
@@ -753,7 +862,7 @@ class Trainer:
         )
         prompts = vc.prompts or [t.format(placeholder) for t in template]
         concept_file = EmbeddingFile(
-            layers=self.layer_names, vectors=self.file_vectors(), metadata={}
+            layers=self.plan.layer_names, vectors=self.file_vectors(), metadata={}
         )
         self.remove_training_hooks()
         vae_device = next(self.bundle.vae.parameters()).device
@@ -772,7 +881,7 @@ class Trainer:
                     resolution=self.tc.resolution,
                     mix_with=self.mix_with,
                     mix_layers=vc.mix_layers,
-                    granularity=self.block_scheme,
+                    granularity=self.plan.block_scheme,
                 )
         finally:
             self.bundle.vae.to(vae_device)
@@ -782,6 +891,7 @@ class Trainer:
         vg.grid.save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())
         self.last_grid = path
+        dispatch(self.callbacks, ValidationImagesSaved(step, path))
         log_images(self.accelerator, "validation", vg.grid, vg.caption, step)
         nearest = self.nearest_tokens(self.parts[:1])[self.parts[0].name]
         log_table(
@@ -795,10 +905,10 @@ class Trainer:
         """Per text encoder (default: all) and layer, each vector's nearest vocabulary token."""
         return {
             p.name: nearest_vocabulary_tokens(
-                self.kdes[p.name],
-                self.raw_concept.sets[p.name].vectors,
-                self.variant_of_layer,
-                self.layer_names,
+                self.plan.kdes[p.name],
+                self.opt.raw.sets[p.name].vectors,
+                self.plan.variant_of_layer,
+                self.plan.layer_names,
                 p.tokenizer,
             )
             for p in (self.parts if parts is None else parts)
@@ -810,7 +920,7 @@ class Trainer:
         """Check the ranks agree, export (when the run reached `train.max_steps`), run the
         `after_run` events on the main process, end the trackers."""
         accelerator = self.accelerator
-        current = self.raw_concept()
+        current = self.opt.raw()
         flat = torch.cat([v.detach().reshape(-1) for v in current.values()])
         gathered = accelerator.gather(flat.reshape(1, -1))
         in_sync = bool((gathered == gathered[0:1]).all())
@@ -824,12 +934,12 @@ class Trainer:
             losses=self.losses,
             vectors=current[self.parts[0].name].detach().cpu().clone(),
             all_vectors={k: v.detach().cpu().clone() for k, v in current.items()},
-            layer_names=self.layer_names,
+            layer_names=self.plan.layer_names,
             world_size=self.world,
             ranks_in_sync=in_sync,
             seconds=time.perf_counter() - self.t0,
             trainable_shapes=[
-                tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
+                tuple(p.shape) for g in self.opt.optimizer.param_groups for p in g["params"]
             ],
             samples_file=self.last_grid,
         )
@@ -844,7 +954,7 @@ class Trainer:
     def write_summary(self, result: TrainResult) -> None:
         """``summary.json``: the run's outcome, timing and nearest vocabulary tokens."""
         self.summary = {
-            "run_id": self.run_id,
+            "run_id": self.run.run_id,
             "output_file": str(result.output_file) if result.output_file else None,
             "samples_file": str(result.samples_file) if result.samples_file else None,
             "steps": result.steps,
@@ -853,7 +963,7 @@ class Trainer:
             "ranks_in_sync": result.ranks_in_sync,
             "seconds": round(result.seconds, 2),
             **run_timing(
-                self.setup_seconds, self.latent_report, self.step_seconds, self.process_age
+                self.setup_seconds, self.data.latent_report, self.step_seconds, self.process_age
             ),
             "mixed_precision": self.accelerator.mixed_precision,
             "device": str(self.device),
@@ -872,7 +982,7 @@ class Trainer:
             config=self.cfg.model_dump(mode="json"),
             family=self.family.name,
             base_model=self.bundle.source,
-            layers=self.layer_names,
+            layers=self.plan.layer_names,
             steps=result.steps,
             final_loss=self.summary["final_loss"],
             grid=result.samples_file,
@@ -881,10 +991,21 @@ class Trainer:
 
     def record_end(self, result: TrainResult) -> None:
         """The run record (``xti-run.json``): finished, or stopped before `train.max_steps`."""
-        self.owner.update(
+        self.run.owner.update(
             status="finished" if result.output_file else "stopped", steps=result.steps
         )
-        runs.write_owner(self.out, self.owner)
+        runs.write_owner(self.out, self.run.owner)
+
+    def announce_end(self, result: TrainResult) -> None:
+        """Tell the callbacks that the run ended (`xti.callbacks.RunFinished`)."""
+        summary = self.out / "summary.json"
+        event = RunFinished(
+            steps=result.steps,
+            output_file=result.output_file,
+            samples_file=result.samples_file,
+            summary_file=summary if summary.is_file() else None,
+        )
+        dispatch(self.callbacks, event)
 
 
 def _release_accelerator_state() -> None:
