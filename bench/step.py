@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from xti.attention import install_processors
-from xti.demo.builders import (
+from xti.builtin import (
     CLIP_L_TEXT_CONFIG,
     OPENCLIP_BIGG_TEXT_CONFIG,
     SD15_UNET_CONFIG,

@@ -15,9 +15,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from xti.config import ModelConfig
-from xti.demo import builders
-from xti.demo.builders import (
+from xti import builtin as builders
+from xti.builtin import (
     CLIP_L_TEXT_CONFIG,
     OPENCLIP_H_TEXT_CONFIG,
     SD1_SCHEDULER_CONFIG,
@@ -30,6 +29,7 @@ from xti.demo.builders import (
     build_tiny_sd1_components,
     resolve_builtin,
 )
+from xti.config import ModelConfig
 from xti.errors import XTIError
 from xti.families import SD1, SD2, SDXL, detect
 from xti.models import ModelBundle, load_model, training_scheduler

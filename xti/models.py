@@ -25,8 +25,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from xti.builtin import BUILTIN_PREFIX, resolve_builtin
 from xti.config import ModelConfig
-from xti.demo.builders import BUILTIN_PREFIX, resolve_builtin
 from xti.errors import XTIError
 from xti.families import (
     SD1,

@@ -38,7 +38,7 @@ def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = 
     """
     from diffusers import DiffusionPipeline
 
-    from xti.demo.builders import BUILTIN_PREFIX, resolve_builtin
+    from xti.builtin import BUILTIN_PREFIX, resolve_builtin
     from xti.models import looks_like_hub_id
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

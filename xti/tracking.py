@@ -326,7 +326,7 @@ def _pipeline_source(base_model: str, pipeline: str) -> list[str]:
     (a builtin model, a single file, or a folder / hub id)."""
     if base_model.startswith("builtin:"):
         return [
-            "from xti.demo.builders import resolve_builtin",
+            "from xti.builtin import resolve_builtin",
             f"pipe = {pipeline}.from_pretrained(resolve_builtin({json.dumps(base_model)}))",
         ]
     if base_model.lower().endswith((".safetensors", ".ckpt")):

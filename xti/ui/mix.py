@@ -102,7 +102,7 @@ def mix_of(
 
 def parse_layer_prompts(text: str) -> dict[str, str]:
     """Per-layer prompts, one ``LAYERS=PROMPT`` per line (``mid=a green lizard``)."""
-    from xti.cli import parse_assignments
+    from xti.parsing import parse_assignments
 
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     return parse_assignments(lines, "per-layer prompts", split_last=False)
@@ -110,7 +110,7 @@ def parse_layer_prompts(text: str) -> dict[str, str]:
 
 def parse_size(text: str) -> tuple[int | None, int | None]:
     """``512`` or ``512x768`` (empty: the model's size), as ``xti generate --size``."""
-    from xti.cli import parse_size
+    from xti.parsing import parse_size
 
     return parse_size(str(text).strip() or None)
 

@@ -89,7 +89,7 @@ def embedding_entries(text: str | None, what: str) -> list[tuple[str | None, str
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     if not lines:
         raise XTIError(f"{what}: give at least one file, one per line")
-    from xti.cli import embedding_args
+    from xti.parsing import embedding_args
 
     return [(token, str(existing_file(path, what))) for token, path in embedding_args(lines)]
 

@@ -1,4 +1,5 @@
-"""Model builders from configs: reference SD configs, random-weight models and the tiny test model.
+"""Built-in models (``builtin:`` names) and model builders from configs: reference SD configs,
+random-weight models and the tiny test models.
 
 This module owns everything that makes a Stable Diffusion model without downloading one:
 
