@@ -45,7 +45,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from xti.layers import layer_scheme
     from xti.models import load_unet_structure
 
-    unet = load_unet_structure(args.model)
+    unet = load_unet_structure(args.model, args.model_config)
     scheme = layer_scheme(unet, args.granularity)
     for layer in scheme.layers:
         print(f"{layer.name}\t{layer.module_path}" if args.modules else layer.name)
@@ -116,7 +116,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for _, path in embeddings:  # fail on a bad file before the model loads
         load_embedding_file(path, allow_pickle=args.allow_pickle)
     with _progress_bars(not args.no_progress):
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(
+            args.model, device=args.device, dtype=args.dtype, config=args.model_config
+        )
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
@@ -192,7 +194,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     check_output_file(out, "--out")
     with _progress_bars(not args.no_progress):
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(
+            args.model, device=args.device, dtype=args.dtype, config=args.model_config
+        )
     pipe.set_progress_bar_config(disable=True)
     with XTIAdapter(pipe) as adapter:
         adapter.load(args.file, args.placeholder)
@@ -240,6 +244,7 @@ def _add_sweep_and_ui(sub: Any) -> None:
     )
     p.add_argument("file", help="xti embedding file")
     p.add_argument("--model", required=True, help="SD 1.x/2.x or SDXL folder, builtin:tiny-sd1")
+    add_model_config(p)
     p.add_argument("--prompt", "-p", help="prompt with the placeholder (default 'a photo of <x>')")
     p.add_argument("--negative-prompt", "-n", help="negative prompt (all layers)")
     p.add_argument("--kind", choices=SWEEP_KINDS, default="growing", help="rows (default growing)")
@@ -276,7 +281,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from xti.export import inspect_embedding
 
     info = inspect_embedding(
-        args.file, model=args.model, allow_pickle=args.allow_pickle, top_k=args.top_k
+        args.file,
+        model=args.model,
+        allow_pickle=args.allow_pickle,
+        top_k=args.top_k,
+        model_config=args.model_config,
     )
     print(json.dumps(info, indent=1, ensure_ascii=False))
     return 0
@@ -327,6 +336,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_config(p: argparse.ArgumentParser) -> None:
+    """``--model-config``: what ``model.single_file_config`` is for training."""
+    p.add_argument(
+        "--model-config",
+        metavar="FOLDER",
+        help="for a single-file --model: a diffusers folder (or hub id) of the same model type, "
+        "needed offline",
+    )
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate", help="generate images with per-layer embeddings, mixing, per-layer prompts"
@@ -334,8 +353,9 @@ def _add_generate(sub: Any) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="SD 1.x/2.x or SDXL diffusers folder, hub id, builtin:tiny-sd1",
+        help="SD 1.x/2.x or SDXL diffusers folder, single .safetensors file, hub id, builtin:tiny-sd1",
     )
+    add_model_config(p)
     p.add_argument(
         "--embedding",
         "-e",
@@ -394,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("layers", help="print a model's layer names in UNet forward order")
-    p.add_argument("model", help="diffusers model folder (or builtin:tiny-sd1)")
+    p.add_argument("model", help="diffusers folder, single .safetensors file, hub id, builtin:…")
+    add_model_config(p)
     p.add_argument("--modules", action="store_true", help="also print the diffusers module path")
     p.add_argument("--granularity", choices=["block", "transformer"], default="block")
     p.set_defaults(func=_cmd_layers)
@@ -410,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe an embedding file as JSON")
     p.add_argument("file")
     p.add_argument("--model", help="also list the nearest vocabulary tokens of this model")
+    add_model_config(p)
     p.add_argument("--top-k", type=int, default=1, help="nearest tokens per vector (default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
     p.set_defaults(func=_cmd_inspect)

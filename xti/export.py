@@ -417,13 +417,15 @@ def inspect_embedding(
     model: str | None = None,
     allow_pickle: bool = False,
     top_k: int = 1,
+    model_config: str | None = None,
 ) -> dict[str, Any]:
     """Describe an embedding file as JSON-ready data.
 
     Keys: ``file``, ``kind`` (xti/kohya), ``family``, ``placeholder``, ``n_vectors``, ``layers``,
     ``shapes`` and ``norms`` (L2 norm of each vector, per key), ``metadata``; with ``model``
     (a folder, ``builtin:`` name or hub id) also ``nearest_tokens``: per key, for each vector, the
-    ``top_k`` nearest vocabulary tokens (Euclidean, special tokens excluded).
+    ``top_k`` nearest vocabulary tokens (Euclidean, special tokens excluded). ``model`` may be
+    any model path (`xti.models.resolve_model_path`); a single file's config is `model_config`.
     """
     ef = load_embedding_file(path, allow_pickle=allow_pickle)
     info: dict[str, Any] = {
@@ -439,7 +441,7 @@ def inspect_embedding(
     }
     if model is not None:
         info["model"] = model
-        info["nearest_tokens"] = _nearest_tokens(ef, str(path), model, top_k)
+        info["nearest_tokens"] = _nearest_tokens(ef, str(path), model, top_k, model_config)
     return info
 
 
@@ -456,7 +458,9 @@ def _decoded_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _nearest_tokens(ef: EmbeddingFile, where: str, model: str, top_k: int) -> dict[str, Any]:
+def _nearest_tokens(
+    ef: EmbeddingFile, where: str, model: str, top_k: int, model_config: str | None = None
+) -> dict[str, Any]:
     from xti.kde import KDERegularizer
     from xti.models import load_text_encoder
 
@@ -465,7 +469,7 @@ def _nearest_tokens(ef: EmbeddingFile, where: str, model: str, top_k: int) -> di
     for spec in family.specs:
         keys = [k for layer in ef.layers if (k := family.file_key(spec.name, layer)) in ef.vectors]
         keys += [k for k in ef.vectors if k not in keys and k.startswith(f"{spec.name}.")]
-        tokenizer, text_encoder = load_text_encoder(model, spec)
+        tokenizer, text_encoder = load_text_encoder(model, spec, model_config)
         weight = text_encoder.get_input_embeddings().weight.detach().float()
         width = weight.shape[-1]
         file_width = ef.vectors[keys[0]].shape[-1]
