@@ -169,10 +169,12 @@ class ModelLocation:
     shown: str
 
 
-def resolve_model_path(path: str | None, *, build: bool = True) -> ModelLocation:
+def resolve_model_path(
+    path: str | None, *, build: bool = True, what: str = "model path"
+) -> ModelLocation:
     """Resolve a model path: ``builtin:<name>`` (built on first use; with ``build=False`` only its
     name is checked and `location` is empty), an existing diffusers folder, an existing single
-    checkpoint file, or a hub id (nothing is downloaded here).
+    checkpoint file, or a hub id (nothing is downloaded here). `what` starts the messages.
 
     Raises:
         XTIError: one line naming the path, for an empty path, an unknown builtin, something that
@@ -181,7 +183,7 @@ def resolve_model_path(path: str | None, *, build: bool = True) -> ModelLocation
     shown = str(path or "").strip()
     if not shown:
         raise XTIError(
-            "model path: give a diffusers folder, a single .safetensors file, a hub id or "
+            f"{what}: give a diffusers folder, a single .safetensors file, a hub id or "
             "builtin:tiny-sd1"
         )
     if shown.startswith(BUILTIN_PREFIX):
@@ -199,7 +201,7 @@ def resolve_model_path(path: str | None, *, build: bool = True) -> ModelLocation
     if looks_like_hub_id(shown):
         return ModelLocation("hub", shown, shown)
     raise XTIError(
-        f"model path {shown} does not exist (give a diffusers folder, a .safetensors file, "
+        f"{what} {shown} does not exist (give a diffusers folder, a .safetensors file, "
         "a hub id like org/name, or builtin:tiny-sd1)"
     )
 

@@ -108,7 +108,4 @@ def model_path(text: str | None) -> str:
     value = str(text or "").strip()
     if not value:
         raise XTIError("model: give a diffusers folder, a single .safetensors file or builtin:…")
-    try:
-        return resolve_model_path(value, build=False).shown
-    except XTIError as err:
-        raise XTIError(f"model: {err}") from None
+    return resolve_model_path(value, build=False, what="model:").shown
