@@ -6,7 +6,7 @@ exactly that (as ``python -m xti train``) in a subprocess: the page stays respon
 in training cannot take the server down. Stop sends SIGINT, the same clean stop as Ctrl-C (the
 step finishes, a checkpoint and ``<name>.interrupted.xti.safetensors`` are saved). Progress comes
 from the files the run writes: ``logs/metrics.jsonl`` (``tracking.report_to=jsonl``, one line per
-step) and ``validation/<name>-stepNNNNNN.png``.
+step) and the run's events (``logs/events.jsonl``, `xti.callbacks`: each validation grid saved).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from xti.callbacks import ValidationImagesSaved, read_events
 from xti.config import placeholder_stem
 from xti.errors import XTIError
 from xti.ui.paths import REPO_ROOT, existing_dir, existing_file, model_path, shown
@@ -244,6 +245,7 @@ class TrainJob:
         self.max_steps = 0
         self.started = 0.0
         self.stop_requested = False
+        self.earlier_events = 0  # events of earlier runs in the same output folder
 
     @property
     def running(self) -> bool:
@@ -263,6 +265,7 @@ class TrainJob:
         self.output_dir = Path(cfg.output_dir).expanduser()
         self.name, self.max_steps = cfg.concept_name, cfg.train.max_steps
         self.started, self.stop_requested = time.time(), False
+        self.earlier_events = len(read_events(self.output_dir))
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -330,11 +333,11 @@ class TrainJob:
         return snap
 
     def _newest_grid(self) -> Path | None:
-        """The newest validation grid this run wrote (None before the first)."""
+        """The newest validation grid this run wrote (None before the first), from its events."""
         assert self.output_dir is not None
-        found = sorted((self.output_dir / "validation").glob(f"{self.name}-step*.png"))
-        fresh = [p for p in found if p.stat().st_mtime >= self.started - 1]
-        return fresh[-1] if fresh else None
+        events = read_events(self.output_dir)[self.earlier_events :]
+        grids = [e.path for e in events if isinstance(e, ValidationImagesSaved)]
+        return grids[-1] if grids else None
 
     def _state(self, step: int) -> tuple[str, bool]:
         """One line for the run's state, and whether it failed."""
