@@ -1,5 +1,5 @@
 """Command line interface: ``xti train``, ``xti layers``, ``xti config``, ``xti generate``,
-``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``.
+``xti mix``, ``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``.
 
 The CLI only parses arguments and prints; the library does the work. Every `XTIError` becomes one
 line on stderr (``error: …``) and exit status 2, never a traceback.
@@ -93,7 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from xti.export import load_embedding_file
     from xti.inference import XTIAdapter
-    from xti.pipelines import load_pipeline, save_images, set_scheduler
+    from xti.pipelines import save_images, set_scheduler
 
     if args.count < 1 or args.steps < 1:
         raise XTIError("--count and --steps must be >= 1")
@@ -116,9 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for _, path in embeddings:  # fail on a bad file before the model loads
         load_embedding_file(path, allow_pickle=args.allow_pickle)
     with _progress_bars(not args.no_progress):
-        pipe = load_pipeline(
-            args.model, device=args.device, dtype=args.dtype, config=args.model_config
-        )
+        pipe = load_pipeline_for(args)
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
@@ -175,7 +173,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from xti.export import load_embedding_file
     from xti.inference import XTIAdapter
-    from xti.pipelines import load_pipeline
     from xti.sweep import run_sweep, save_sweep
 
     if args.steps < 1 or not math.isfinite(args.guidance) or args.guidance < 0:
@@ -194,9 +191,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     check_output_file(out, "--out")
     with _progress_bars(not args.no_progress):
-        pipe = load_pipeline(
-            args.model, device=args.device, dtype=args.dtype, config=args.model_config
-        )
+        pipe = load_pipeline_for(args)
     pipe.set_progress_bar_config(disable=True)
     with XTIAdapter(pipe) as adapter:
         adapter.load(args.file, args.placeholder)
@@ -220,6 +215,74 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     path = save_sweep(result, out, params)
     print(f"wrote {path} ({len(result.rows)} rows x {len(result.seeds)} seeds)")
     return 0
+
+
+def _cmd_mix(args: argparse.Namespace) -> int:
+    """``xti mix --model M -e A -e B --mix "<b>=coarse" --placeholder <m> -o FILE``."""
+    from xti.export import load_embedding_file
+    from xti.inference import XTIAdapter
+    from xti.mixing import base_concept, layer_owners, save_mix
+    from xti.paths import check_output_file
+
+    target = check_output_file(args.output, "-o")
+    if not args.placeholder.strip() or any(c.isspace() for c in args.placeholder.strip()):
+        raise XTIError("--placeholder: one word without spaces, e.g. <my-mix>")
+    mix = parse_assignments(args.mix or [], "--mix", split_last=True)
+    embeddings = embedding_args(args.embedding)
+    for _, path in embeddings:  # fail on a bad file before the model loads
+        load_embedding_file(path, allow_pickle=args.allow_pickle)
+    with _progress_bars(not args.no_progress):
+        pipe = load_pipeline_for(args)
+    adapter = XTIAdapter(pipe)
+    try:
+        for placeholder, path in embeddings:
+            adapter.load(path, placeholder, allow_pickle=args.allow_pickle)
+        concepts = list(adapter.concepts)
+        owners = layer_owners(adapter.scheme, mix, concepts)
+        base = base_concept(concepts, args.prompt) if args.prompt else concepts[0]
+        written = save_mix(
+            adapter, owners, base, target, placeholder=args.placeholder, model=args.model
+        )
+    finally:
+        adapter.unload()
+    print(f"wrote {written}")
+    return 0
+
+
+def load_pipeline_for(args: argparse.Namespace) -> Any:
+    """The pipeline ``--model`` (and ``--model-config``, ``--device``, ``--dtype``) name."""
+    from xti.pipelines import load_pipeline
+
+    return load_pipeline(
+        args.model,
+        device=getattr(args, "device", None),
+        dtype=getattr(args, "dtype", None),
+        config=args.model_config,
+    )
+
+
+def _add_mix(sub: Any) -> None:
+    p = sub.add_parser("mix", help="save a mix of concepts (a concept per layer) as one xti file")
+    p.add_argument("--model", required=True, help="the model the files are mixed for")
+    add_model_config(p)
+    p.add_argument(
+        "--embedding", "-e", action="append", required=True, metavar="[TOKEN=]FILE",
+        help="xti or kohya file (repeatable); TOKEN= sets its placeholder",
+    )  # fmt: skip
+    p.add_argument(
+        "--mix", nargs="+", metavar="TOKEN=LAYERS",
+        help="which layers each concept fills (as xti generate --mix; later entries win)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        help="layers no --mix names hold this prompt's first concept (default: the first file's)",
+    )
+    p.add_argument("--placeholder", required=True, help="the new file's placeholder, e.g. <my-mix>")
+    p.add_argument("-o", "--output", required=True, help="the xti file to write")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no loading progress bars")
+    p.set_defaults(func=_cmd_mix)
 
 
 def _print_progress(done: int, total: int) -> None:
@@ -426,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     _add_generate(sub)
+    _add_mix(sub)
     _add_sweep_and_ui(sub)
 
     p = sub.add_parser("inspect", help="describe an embedding file as JSON")
