@@ -44,8 +44,8 @@ from xti.config import load_config
 from xti.demo import procedural as P
 from xti.embeddings import initializer_vectors
 from xti.export import load_embedding_file
-from xti.inference import load_pipeline
 from xti.kde import KDERegularizer
+from xti.pipelines import load_pipeline
 
 MODES = {"block": "XTI", "shared": "TI"}
 COLUMNS = ["recon all", "recon dist", "edit colour", "edit shape", "mix both"]

@@ -43,7 +43,7 @@ from common import REPO, add_common_arguments, start
 from xti import quality as Q
 from xti.config import load_config
 from xti.demo import procedural as P
-from xti.inference import load_pipeline
+from xti.pipelines import load_pipeline
 
 MODES = {"block": "XTI", "shared": "TI"}
 COLUMNS = list(Q.SCORES)
