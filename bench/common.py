@@ -1,6 +1,6 @@
 """What the demo-model benches (`bench/quality.py`, `bench/kde.py`) share on the command line: the
 sampling, work-folder, layer and thread options, and the start of a run (cwd, threads, concept
-names). Everything else they share lives in `xti.demo.quality`."""
+names). Everything else they share lives in `xti.quality`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from xti.demo import quality as Q
+from xti import quality as Q
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ cache instead of running the VAE.
     python bench/first_step.py --smoke              # the line above (CI)
 
 With the default model it first builds an SD1.5-shaped diffusers folder with random weights from the
-reference configs (`xti.demo.builders`; ~4 GB in ``$XTI_CACHE/bench/sd15-random``, a minute or two, once).
+reference configs (`xti.builtin`; ~4 GB in ``$XTI_CACHE/bench/sd15-random``, a minute or two, once).
 Then it runs ``python train.py --config configs/sd15.yaml ... train.max_steps=1`` twice, one after
 the other, with an empty latent cache of its own (``XTI_LATENT_CACHE`` in a temporary folder), and
 prints for each run: wall time from launch to the first step (``summary.json``'s
@@ -35,7 +35,7 @@ def build_sd15_random(folder: Path) -> Path:
     import torch
     from diffusers import DDPMScheduler
 
-    from xti.demo.builders import (
+    from xti.builtin import (
         CLIP_L_TEXT_CONFIG,
         SD1_SCHEDULER_CONFIG,
         SD15_UNET_CONFIG,

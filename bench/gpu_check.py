@@ -99,8 +99,8 @@ def _error(err: BaseException) -> str:
 
 def build_bundle(family: str, device: torch.device, smoke: bool) -> Any:
     """A `ModelBundle` with random weights: full-size on the GPU, or the tiny builtin for --smoke."""
+    from xti import builtin as B
     from xti.config import ModelConfig
-    from xti.demo import builders as B
     from xti.families import detect
     from xti.models import ModelBundle, load_model, training_scheduler
 

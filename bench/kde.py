@@ -6,15 +6,15 @@
     python bench/kde.py --smoke          # seconds: the smallest of the above in a temporary folder (CI)
 
 For every concept of --concepts (default: the demo object striped-cross and the demo style
-teal-dotted, each with its config in `xti.demo.quality.DEMO_CONFIGS`), every mode of --modes (`block` =
+teal-dotted, each with its config in `xti.quality.DEMO_CONFIGS`), every mode of --modes (`block` =
 XTI, `shared` = TI) and every λ of --weights it trains once, to the largest of --steps, passing
 ``kde.weight=λ`` (the configs set the reference rows ``kde.reference``), with an embedding snapshot
-at every budget (`xti.demo.quality.train_snapshots`). Each snapshot gets a table row:
+at every budget (`xti.quality.train_snapshots`). Each snapshot gets a table row:
 
   recon all, recon dist   the training captions: shape, colour and background at once, and the RMS
                           pixel distance to the nearest training image (as in bench/quality.py; for
                           the style, "a <teal-dotted> star on a black background" for each of its
-                          images' shape and background, `xti.demo.quality.style_probes`);
+                          images' shape and background, `xti.quality.style_probes`);
   edit colour, edit shape the object: "a blue <striped-cross> …", the asked colour and the object's
                           shape kept; the style: a shape it was never shown ("a <teal-dotted> cross
                           …"), the style's colour kept and the asked shape;
@@ -40,9 +40,9 @@ from pathlib import Path
 
 from common import REPO, add_common_arguments, smoke, start
 
+from xti import quality as Q
 from xti.config import load_config
 from xti.demo import procedural as P
-from xti.demo import quality as Q
 from xti.embeddings import initializer_vectors
 from xti.export import load_embedding_file
 from xti.kde import KDERegularizer

@@ -6,12 +6,12 @@
 
 For each mode (`block` = XTI, `shared` = classic TI through the same code) it trains every object
 concept of --concepts (default: all of `xti.demo.procedural.DEMO_OBJECTS`, each with its config in
-`xti.demo.quality.DEMO_CONFIGS`: striped-cross, giant-dotted-diamond, giant-striped-triangle) and the style
+`xti.quality.DEMO_CONFIGS`: striped-cross, giant-dotted-diamond, giant-striped-triangle) and the style
 concept --style (teal-dotted, configs/demo-style.yaml) once, for the largest budget, writing an
 embedding snapshot at every budget. The schedule is constant after warm-up and every random draw of a
 step depends only on (seed, step), so the snapshot at step k is exactly what a k-step run would export.
 
-Each object's snapshot is then scored by `xti.demo.quality` with the generator's labels (one image per
+Each object's snapshot is then scored by `xti.quality` with the generator's labels (one image per
 seed, DDIM 12 steps, guidance 4, the demo model's settings), with the style's snapshot of the same
 mode and budget for mixing:
   recon   "a <A> on a {white,gray,black} background": hit rates of A's shape, A's colour, the
@@ -21,7 +21,7 @@ mode and budget for mixing:
   edit    "a {blue,red,green,purple} <A> on a white background" (less A's own colour): the asked
           colour, A's shape kept;
   mix     "a <A> on a … background" with A in the layers that decide shape (--mix-layers, default
-          IN04-OUT08: all but the 16x16 layers, see xti.demo.quality.DEMO_SHAPE_LAYERS) and the style in
+          IN04-OUT08: all but the 16x16 layers, see xti.quality.DEMO_SHAPE_LAYERS) and the style in
           the others: A's shape, the style's colour (teal), both.
 A `text` row per object gives the plain words ("an orange striped cross …") for reference: they name
 shape and colour, but the model never drew a striped cross, and no words ask for a giant shape. A
@@ -41,9 +41,9 @@ from pathlib import Path
 
 from common import REPO, add_common_arguments, smoke, start
 
+from xti import quality as Q
 from xti.config import load_config
 from xti.demo import procedural as P
-from xti.demo import quality as Q
 from xti.pipelines import load_pipeline
 
 MODES = {"block": "XTI", "shared": "TI"}

@@ -6,7 +6,7 @@
     python bench/step.py --model sdxl --device cuda --mixed-precision bf16 [--gradient-checkpointing]
     python bench/step.py --smoke                              # seconds: tiny, one step per mode (CI)
 
-Both modes run the same `xti.training.compute_loss` + AdamW step on the same model and batch in one
+Both modes run the same `xti.step.compute_loss` + AdamW step on the same model and batch in one
 process, alternating, so the ratio is meaningful even on a noisy machine. It also counts text-encoder
 forward calls per step (XTI encodes all L layer variants in one call per encoder) and the text
 encoder's share of the step (its forward, timed by module hooks, plus its backward: from the moment
@@ -28,7 +28,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from xti.attention import install_processors
-from xti.demo.builders import (
+from xti.builtin import (
     CLIP_L_TEXT_CONFIG,
     OPENCLIP_BIGG_TEXT_CONFIG,
     SD15_UNET_CONFIG,
@@ -48,8 +48,8 @@ from xti.embeddings import (
 )
 from xti.families import detect
 from xti.layers import layer_scheme
+from xti.step import Batch, StepModels, compute_loss
 from xti.tokenizer import build_clip_tokenizer
-from xti.training import Batch, StepModels, compute_loss
 
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

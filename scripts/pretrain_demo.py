@@ -50,8 +50,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from xti.builtin import TINY_VAE_CONFIG
 from xti.demo import procedural as P
-from xti.demo.builders import TINY_VAE_CONFIG
 from xti.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, build_clip_tokenizer
 
 # --------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ TINY_CONCEPT = REPO / "data" / "tiny-concept"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny SD1-layout diffusers folder (16 layers), built once per test session."""
-    from xti.demo.builders import build_tiny_sd1
+    from xti.builtin import build_tiny_sd1
 
     return build_tiny_sd1(tmp_path_factory.mktemp("model") / "tiny-sd1", seed=0)
 
@@ -40,7 +40,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL diffusers folder (11 layers, two text encoders 32 and 48 wide, both configured
     with the true eos id 49407), built once per test session."""
-    from xti.demo.builders import build_tiny_sdxl
+    from xti.builtin import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("model-sdxl") / "tiny-sdxl", seed=0)
 

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
+from xti import quality as Q
 from xti.config import load_config
-from xti.demo import quality as Q
 from xti.inference import XTIAdapter
 from xti.pipelines import load_pipeline
 from xti.training import train

@@ -19,7 +19,6 @@ from xti.export import (
     FORMAT_VERSION,
     SD1_LAYER_NAMES,
     EmbeddingFile,
-    atomic_write_bytes,
     build_metadata,
     export_kohya,
     kohya_keys,
@@ -28,6 +27,7 @@ from xti.export import (
     to_ti_vectors,
 )
 from xti.families import SDXL
+from xti.paths import atomic_write_bytes
 
 SDXL_LAYERS = [
     "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05",

@@ -133,3 +133,35 @@ def test_export_kohya_and_ti(files, tmp_path, capsys):
     assert "NOPE" in one_line_error(capsys)
     assert main(["export", str(a), "--format", "kohya", "-o", str(a)]) == 2
     assert "overwrite" in one_line_error(capsys)
+
+
+def test_mix_saves_each_layers_concept_as_one_file(tiny_model, files, tmp_path, capsys):
+    from xti.layers import layer_scheme
+    from xti.models import load_unet_structure
+
+    a, b = files
+    out = tmp_path / "mixed.xti.safetensors"
+    base = ["mix", "--model", str(tiny_model), "-e", str(a), "-e", str(b), "--placeholder", "<m>",
+            "-o", str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main([*base, "--mix", "<b>=coarse"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    coarse = layer_scheme(load_unet_structure(str(tiny_model))).select("coarse")
+    assert 0 < len(coarse) < len(LAYERS)
+    saved, fa, fb = (load_embedding_file(p) for p in (out, a, b))
+    assert saved.layers == LAYERS and saved.metadata["xti.placeholder"] == "<m>"
+    for i, name in enumerate(LAYERS):  # coarse from <b>, the rest from the first file's <a>
+        source = fb if i in coarse else fa
+        assert torch.equal(saved.vectors[name], source.vectors[name]), name
+    assert json.loads(saved.metadata["xti.mix"]) == {"<b>": "IN07-OUT05"}
+
+    # unnamed layers hold the prompt's first concept
+    assert main([*base, "--prompt", "a photo of <b>"]) == 0
+    saved = load_embedding_file(out)
+    assert all(torch.equal(saved.vectors[n], fb.vectors[n]) for n in LAYERS)
+
+    out.unlink()
+    assert main([*base, "--mix", "<c>=coarse"]) == 2
+    assert "<c> is not loaded" in one_line_error(capsys)
+    assert main([*base, "--mix", "<b>=IN99"]) == 2
+    assert "IN99" in one_line_error(capsys)
+    assert not out.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xti.demo.builders import SD15_UNET_CONFIG, SD21_UNET_CONFIG, build_meta_unet
+from xti.builtin import SD15_UNET_CONFIG, SD21_UNET_CONFIG, build_meta_unet
 from xti.errors import XTIError
 from xti.layers import layer_scheme
 

@@ -15,9 +15,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from xti.config import ModelConfig
-from xti.demo import builders
-from xti.demo.builders import (
+from xti import builtin as builders
+from xti.builtin import (
     CLIP_L_TEXT_CONFIG,
     OPENCLIP_H_TEXT_CONFIG,
     SD1_SCHEDULER_CONFIG,
@@ -30,6 +29,7 @@ from xti.demo.builders import (
     build_tiny_sd1_components,
     resolve_builtin,
 )
+from xti.config import ModelConfig
 from xti.errors import XTIError
 from xti.families import SD1, SD2, SDXL, detect
 from xti.models import ModelBundle, load_model, training_scheduler
@@ -478,3 +478,132 @@ def test_unknown_file_type(tmp_path: Path) -> None:
     with pytest.raises(XTIError) as err:
         load_model(ModelConfig(path=str(file)))
     assert_one_line(err, str(file), "not a model checkpoint")
+
+
+# ----------------------------------------------------------------------------- one model-path resolver
+
+
+def fake_converter(monkeypatch: pytest.MonkeyPatch, cls: type, folder: Path) -> dict:
+    """Stand in for diffusers' single-file converter (no original-format checkpoint can be made
+    offline): record what it is asked and return the pipeline of `folder`."""
+    seen: dict = {}
+
+    def from_single_file(path, **kwargs):
+        seen.update(kwargs, path=path)
+        return cls.from_pretrained(str(folder), local_files_only=True)
+
+    monkeypatch.setattr(cls, "from_single_file", from_single_file)
+    return seen
+
+
+def fake_hub_cache(monkeypatch: pytest.MonkeyPatch, root: Path, repo_id: str, folder: Path) -> None:
+    """Put `folder` into a hub cache at `root` as a download of `repo_id` would leave it."""
+    import huggingface_hub.constants as hub
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(root))
+
+
+def test_resolver_kinds_and_errors(tmp_path: Path, tiny_folder: Path) -> None:
+    from xti.models import resolve_model_path
+
+    file = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(file))
+    assert resolve_model_path(str(tiny_folder)).kind == "folder"
+    assert resolve_model_path(f" {file} ").kind == "file"
+    assert resolve_model_path("org/name").kind == "hub"
+    assert resolve_model_path("builtin:tiny-sd1", build=False).location == ""
+    for bad, needle in [
+        ("", "give a diffusers folder"),
+        ("builtin:nope", "known builtin models"),
+        (str(tmp_path / "missing"), "does not exist"),
+    ]:
+        with pytest.raises(XTIError) as err:
+            resolve_model_path(bad, build=False)
+        assert_one_line(err, needle)
+
+
+def test_single_file_sdxl_with_a_hub_id_config(
+    tmp_path: Path, tiny_sdxl: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
+    # The config's model_index.json says SDXL: the SDXL pipeline converts the file (it used to be
+    # built with SD1's specs whenever the config was a hub id).
+    from diffusers import StableDiffusionXLPipeline
+
+    fake_hub_cache(monkeypatch, tmp_path / "hub", "org/tiny-sdxl", tiny_sdxl)
+    seen = fake_converter(monkeypatch, StableDiffusionXLPipeline, tiny_sdxl)
+    file = tmp_path / "sdxl.safetensors"
+    save_file({"w": torch.zeros(2)}, str(file))
+    bundle = load_model(ModelConfig(path=str(file), single_file_config="org/tiny-sdxl"))
+    assert seen["path"] == str(file) and seen["config"] == "org/tiny-sdxl"
+    assert seen["local_files_only"] is True  # offline: the hub cache only
+    assert bundle.family.name == "sdxl"
+    assert bundle.text_encoder_2 is not None and bundle.tokenizer_2 is not None
+
+
+def test_checkpoint_family_from_tensor_names(tmp_path: Path) -> None:
+    from xti.models import _checkpoint_specs
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(sdxl))
+    sd1 = tmp_path / "sd1.safetensors"
+    save_file({"cond_stage_model.transformer.x": torch.zeros(2)}, str(sd1))
+    assert _checkpoint_specs(sdxl) == SDXL.specs
+    assert _checkpoint_specs(sd1) == SD1.specs
+
+
+def test_single_file_everywhere(
+    tmp_path: Path,
+    tiny_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_network: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # generate's pipeline, `xti layers`, `xti inspect --model` and `xti generate` take a single
+    # file with its config, and refuse it offline without one with the same line as training.
+    from xti.cli import main
+    from xti.export import build_metadata, save_embedding_file
+    from xti.layers import layer_scheme
+    from xti.models import load_text_encoder, load_unet_structure
+    from xti.pipelines import load_pipeline
+
+    seen = fake_converter(monkeypatch, StableDiffusionPipeline, tiny_folder)
+    file = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(file))
+    pipe = load_pipeline(str(file), device="cpu", config=str(tiny_folder))
+    assert isinstance(pipe, StableDiffusionPipeline) and seen["config"] == str(tiny_folder)
+    unet = load_unet_structure(str(file), str(tiny_folder))
+    assert len(layer_scheme(unet, "block")) == 16 and unet.device.type == "meta"
+    tokenizer, _ = load_text_encoder(str(file), SD1.specs[0], str(tiny_folder))
+    assert tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+    for call in (
+        lambda: load_pipeline(str(file), device="cpu"),
+        lambda: load_unet_structure(str(file)),
+        lambda: load_model(ModelConfig(path=str(file))),
+    ):
+        with pytest.raises(XTIError) as err:
+            call()
+        assert_one_line(err, str(file), "single_file_config")
+
+    emb = tmp_path / "c.xti.safetensors"
+    layers = layer_scheme(unet, "block").names
+    meta = build_metadata(
+        layers=layers, granularity="block", placeholder="<c>", initializer="box", n_vectors=1,
+        family="sd1", base_model="tiny", text_dims={"text": 32}, steps=0, kde_weight=0.0,
+    )  # fmt: skip
+    save_embedding_file(emb, {n: torch.randn(1, 32) for n in layers}, meta)
+    out = tmp_path / "images"
+    args = ["generate", "--model", str(file), "--model-config", str(tiny_folder), "-e", str(emb),
+            "--prompt", "a <c>", "--steps", "1", "--size", "32", "--out-dir", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert len(list(out.glob("*.png"))) == 1
+    capsys.readouterr()
+    assert main(["layers", str(file), "--model-config", str(tiny_folder)]) == 0
+    assert capsys.readouterr().out.split() == layers
+    assert main(["generate", *args[1:3], *args[5:]]) == 2
+    assert "single_file_config" in capsys.readouterr().err

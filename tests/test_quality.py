@@ -1,4 +1,4 @@
-"""Quality probes (`xti.demo.quality`): the prompts they ask and how they score images.
+"""Quality probes (`xti.quality`): the prompts they ask and how they score images.
 
 The scores are checked on images whose answer is known: the generator's own renders (right or
 deliberately wrong), and the training images themselves. The demo run that uses them on a trained
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xti import quality as Q
 from xti.demo import procedural as P
-from xti.demo import quality as Q
 
 REPO = Path(__file__).parents[1]
 OBJ = Q.load_concept(REPO / "data" / "demo-concepts" / "striped-cross")

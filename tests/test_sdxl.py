@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from xti.attention import per_layer_processors
-from xti.config import load_config
-from xti.demo.builders import (
+from xti.builtin import (
     SDXL_UNET_CONFIG,
     build_meta_unet,
     build_tiny_sdxl,
     build_tiny_sdxl_components,
 )
+from xti.config import load_config
 from xti.embeddings import (
     ConceptVectors,
     add_placeholder_tokens,

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from xti.data import LatentCache
-from xti.training import (
+from xti.step import (
     PromptTable,
     diffusion_loss,
     diffusion_target,

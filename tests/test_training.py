@@ -14,7 +14,8 @@ from xti.config import load_config
 from xti.data import augment, encode_latents, load_images, prompts_per_image
 from xti.embeddings import add_placeholder_tokens, initializer_vectors
 from xti.models import load_model
-from xti.training import PromptTable, sample_batch, train
+from xti.step import PromptTable, sample_batch
+from xti.training import train
 
 REPO = Path(__file__).parents[1]
 DATA = REPO / "data" / "tiny-concept"

@@ -81,6 +81,25 @@ def test_form_from_config_is_the_config() -> None:
     assert Path(values["images"]).resolve() == Path(CONCEPT).resolve()
 
 
+def test_one_form_config_mapping_round_trips() -> None:
+    import dataclasses
+    import functools
+
+    from xti.ui.train import FORM
+
+    # one row per form field, in the form's order; a base config read into the form and written
+    # back as overrides gives the same config values for every mapped key
+    assert [f.name for f in FORM] == [f.name for f in dataclasses.fields(TrainForm)]
+    values = form_from_config(CONFIG)
+    form = TrainForm(config=CONFIG, **values)
+    base, again = load_config(CONFIG, []), load_config(CONFIG, overrides(form))
+    for f in FORM:
+        if f.from_config is not None:
+            got = functools.reduce(getattr, f.key.split("."), again)
+            want = functools.reduce(getattr, f.key.split("."), base)
+            assert got == want or Path(got).resolve() == Path(want).resolve(), f.key
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -1,5 +1,5 @@
 """Command line interface: ``xti train``, ``xti layers``, ``xti config``, ``xti generate``,
-``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``.
+``xti mix``, ``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``.
 
 The CLI only parses arguments and prints; the library does the work. Every `XTIError` becomes one
 line on stderr (``error: …``) and exit status 2, never a traceback.
@@ -13,10 +13,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from xti.errors import XTIError
+from xti.parsing import embedding_args, parse_assignments, parse_size
 from xti.paths import check_file_name, check_output_dir
 
 
@@ -44,7 +45,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from xti.layers import layer_scheme
     from xti.models import load_unet_structure
 
-    unet = load_unet_structure(args.model)
+    unet = load_unet_structure(args.model, args.model_config)
     scheme = layer_scheme(unet, args.granularity)
     for layer in scheme.layers:
         print(f"{layer.name}\t{layer.module_path}" if args.modules else layer.name)
@@ -62,18 +63,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
     else:
         print("\n".join(describe_fields()))
     return 0
-
-
-def embedding_args(items: list[str]) -> list[tuple[str | None, str]]:
-    """``--embedding PATH`` or ``--embedding '<tok>=PATH'`` → (placeholder or None, path)."""
-    out: list[tuple[str | None, str]] = []
-    for item in items:
-        placeholder, sep, path = item.partition("=")
-        if sep and not os.path.exists(item) and placeholder.strip() and path.strip():
-            out.append((placeholder.strip(), path.strip()))
-        else:
-            out.append((None, item))
-    return out
 
 
 @contextlib.contextmanager
@@ -97,35 +86,6 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def parse_size(text: str | None) -> tuple[int | None, int | None]:
-    if text is None:
-        return None, None
-    w, sep, h = text.lower().partition("x")
-    try:
-        width, height = int(w), int(h if sep else w)
-    except ValueError:
-        raise XTIError(f"--size: expected N or WxH (e.g. 512 or 512x768), got {text!r}") from None
-    if width < 8 or height < 8:
-        raise XTIError(f"--size: {text!r} is too small")
-    if width % 8 or height % 8:
-        raise XTIError(f"--size: {text!r}: width and height must be multiples of 8 (e.g. 512, 768)")
-    if width > 8192 or height > 8192:
-        raise XTIError(f"--size: {text!r} is too large (at most 8192 per side)")
-    return width, height
-
-
-def parse_assignments(items: Iterable[str], what: str, *, split_last: bool) -> dict[str, str]:
-    """Parse ``KEY=VALUE`` command-line items in order (``--mix "<a>=coarse"``,
-    ``--layer-prompt "mid=a green lizard"``); ``split_last`` splits at the last ``=``."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.rpartition("=") if split_last else item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise XTIError(f"{what}: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import math
 
@@ -133,7 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from xti.export import load_embedding_file
     from xti.inference import XTIAdapter
-    from xti.pipelines import load_pipeline, save_images, set_scheduler
+    from xti.pipelines import save_images, set_scheduler
 
     if args.count < 1 or args.steps < 1:
         raise XTIError("--count and --steps must be >= 1")
@@ -156,7 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for _, path in embeddings:  # fail on a bad file before the model loads
         load_embedding_file(path, allow_pickle=args.allow_pickle)
     with _progress_bars(not args.no_progress):
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline_for(args)
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
@@ -213,7 +173,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from xti.export import load_embedding_file
     from xti.inference import XTIAdapter
-    from xti.pipelines import load_pipeline
     from xti.sweep import run_sweep, save_sweep
 
     if args.steps < 1 or not math.isfinite(args.guidance) or args.guidance < 0:
@@ -232,7 +191,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     check_output_file(out, "--out")
     with _progress_bars(not args.no_progress):
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline_for(args)
     pipe.set_progress_bar_config(disable=True)
     with XTIAdapter(pipe) as adapter:
         adapter.load(args.file, args.placeholder)
@@ -258,6 +217,74 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mix(args: argparse.Namespace) -> int:
+    """``xti mix --model M -e A -e B --mix "<b>=coarse" --placeholder <m> -o FILE``."""
+    from xti.export import load_embedding_file
+    from xti.inference import XTIAdapter
+    from xti.mixing import base_concept, layer_owners, save_mix
+    from xti.paths import check_output_file
+
+    target = check_output_file(args.output, "-o")
+    if not args.placeholder.strip() or any(c.isspace() for c in args.placeholder.strip()):
+        raise XTIError("--placeholder: one word without spaces, e.g. <my-mix>")
+    mix = parse_assignments(args.mix or [], "--mix", split_last=True)
+    embeddings = embedding_args(args.embedding)
+    for _, path in embeddings:  # fail on a bad file before the model loads
+        load_embedding_file(path, allow_pickle=args.allow_pickle)
+    with _progress_bars(not args.no_progress):
+        pipe = load_pipeline_for(args)
+    adapter = XTIAdapter(pipe)
+    try:
+        for placeholder, path in embeddings:
+            adapter.load(path, placeholder, allow_pickle=args.allow_pickle)
+        concepts = list(adapter.concepts)
+        owners = layer_owners(adapter.scheme, mix, concepts)
+        base = base_concept(concepts, args.prompt) if args.prompt else concepts[0]
+        written = save_mix(
+            adapter, owners, base, target, placeholder=args.placeholder, model=args.model
+        )
+    finally:
+        adapter.unload()
+    print(f"wrote {written}")
+    return 0
+
+
+def load_pipeline_for(args: argparse.Namespace) -> Any:
+    """The pipeline ``--model`` (and ``--model-config``, ``--device``, ``--dtype``) name."""
+    from xti.pipelines import load_pipeline
+
+    return load_pipeline(
+        args.model,
+        device=getattr(args, "device", None),
+        dtype=getattr(args, "dtype", None),
+        config=args.model_config,
+    )
+
+
+def _add_mix(sub: Any) -> None:
+    p = sub.add_parser("mix", help="save a mix of concepts (a concept per layer) as one xti file")
+    p.add_argument("--model", required=True, help="the model the files are mixed for")
+    add_model_config(p)
+    p.add_argument(
+        "--embedding", "-e", action="append", required=True, metavar="[TOKEN=]FILE",
+        help="xti or kohya file (repeatable); TOKEN= sets its placeholder",
+    )  # fmt: skip
+    p.add_argument(
+        "--mix", nargs="+", metavar="TOKEN=LAYERS",
+        help="which layers each concept fills (as xti generate --mix; later entries win)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        help="layers no --mix names hold this prompt's first concept (default: the first file's)",
+    )
+    p.add_argument("--placeholder", required=True, help="the new file's placeholder, e.g. <my-mix>")
+    p.add_argument("-o", "--output", required=True, help="the xti file to write")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no loading progress bars")
+    p.set_defaults(func=_cmd_mix)
+
+
 def _print_progress(done: int, total: int) -> None:
     """``3/18 images`` on stderr, rewritten in place; a newline after the last."""
     print(f"\r{done}/{total} images", end="\n" if done == total else "", file=sys.stderr)
@@ -280,6 +307,7 @@ def _add_sweep_and_ui(sub: Any) -> None:
     )
     p.add_argument("file", help="xti embedding file")
     p.add_argument("--model", required=True, help="SD 1.x/2.x or SDXL folder, builtin:tiny-sd1")
+    add_model_config(p)
     p.add_argument("--prompt", "-p", help="prompt with the placeholder (default 'a photo of <x>')")
     p.add_argument("--negative-prompt", "-n", help="negative prompt (all layers)")
     p.add_argument("--kind", choices=SWEEP_KINDS, default="growing", help="rows (default growing)")
@@ -316,7 +344,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from xti.export import inspect_embedding
 
     info = inspect_embedding(
-        args.file, model=args.model, allow_pickle=args.allow_pickle, top_k=args.top_k
+        args.file,
+        model=args.model,
+        allow_pickle=args.allow_pickle,
+        top_k=args.top_k,
+        model_config=args.model_config,
     )
     print(json.dumps(info, indent=1, ensure_ascii=False))
     return 0
@@ -367,6 +399,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_config(p: argparse.ArgumentParser) -> None:
+    """``--model-config``: what ``model.single_file_config`` is for training."""
+    p.add_argument(
+        "--model-config",
+        metavar="FOLDER",
+        help="for a single-file --model: a diffusers folder (or hub id) of the same model type, "
+        "needed offline",
+    )
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser(
         "generate", help="generate images with per-layer embeddings, mixing, per-layer prompts"
@@ -374,8 +416,9 @@ def _add_generate(sub: Any) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="SD 1.x/2.x or SDXL diffusers folder, hub id, builtin:tiny-sd1",
+        help="SD 1.x/2.x or SDXL diffusers folder, single .safetensors file, hub id, builtin:tiny-sd1",
     )
+    add_model_config(p)
     p.add_argument(
         "--embedding",
         "-e",
@@ -434,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("layers", help="print a model's layer names in UNet forward order")
-    p.add_argument("model", help="diffusers model folder (or builtin:tiny-sd1)")
+    p.add_argument("model", help="diffusers folder, single .safetensors file, hub id, builtin:…")
+    add_model_config(p)
     p.add_argument("--modules", action="store_true", help="also print the diffusers module path")
     p.add_argument("--granularity", choices=["block", "transformer"], default="block")
     p.set_defaults(func=_cmd_layers)
@@ -445,11 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     _add_generate(sub)
+    _add_mix(sub)
     _add_sweep_and_ui(sub)
 
     p = sub.add_parser("inspect", help="describe an embedding file as JSON")
     p.add_argument("file")
     p.add_argument("--model", help="also list the nearest vocabulary tokens of this model")
+    add_model_config(p)
     p.add_argument("--top-k", type=int, default=1, help="nearest tokens per vector (default 1)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin files")
     p.set_defaults(func=_cmd_inspect)

@@ -1,7 +1,7 @@
 """The embedding file on disk (DESIGN §6): writing, reading, inspecting and converting it.
 
-This module owns the ``<name>.xti.safetensors`` layout and its metadata, atomic file writes
-(`atomic_write_bytes`, reused for any file the project writes), loading of xti files and of
+This module owns the ``<name>.xti.safetensors`` layout and its metadata (written atomically with
+`xti.paths.atomic_write_bytes`), loading of xti files and of
 kohya sd-scripts' 16-key SD1 XTI files (pickled ``.pt``/``.bin`` only behind an explicit flag, and
 then only with ``weights_only=True``), `inspect_embedding` (``xti inspect``), and the exports
 (``xti export``): kohya's 16-key file (`export_kohya`) and the lossy plain textual-inversion file
@@ -14,12 +14,9 @@ files have one key per layer (``IN01`` ... ``OUT11``), SDXL files have ``clip_l.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
-import re
-import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +29,7 @@ from safetensors.torch import save as _safetensors_save
 
 from xti.errors import XTIError
 from xti.families import FAMILIES, SD1, ModelFamily, of_file
-from xti.paths import check_output_file
+from xti.paths import atomic_write_bytes, check_output_file
 
 PathLike = str | os.PathLike[str]
 
@@ -40,7 +37,6 @@ __all__ = [
     "FORMAT_VERSION",
     "SD1_LAYER_NAMES",
     "EmbeddingFile",
-    "atomic_write_bytes",
     "build_metadata",
     "load_embedding_file",
     "save_embedding_file",
@@ -159,61 +155,6 @@ def build_metadata(
 
 
 # --------------------------------------------------------------------------- writing
-
-
-_TMP_TOKEN_BYTES = 6
-
-
-def atomic_tmp_pattern(name_regex: str = r".+") -> re.Pattern[str]:
-    """The names `atomic_write_bytes` gives its temporary files (``.<name>.<12 hex>.tmp``) for
-    target names matching `name_regex`: what clean-ups of killed writes may remove."""
-    return re.compile(rf"^\.{name_regex}\.[0-9a-f]{{{2 * _TMP_TOKEN_BYTES}}}\.tmp$")
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` never exists half-written.
-
-    Writes a temporary file in the same directory (created if missing), flushes and fsyncs it, then
-    ``os.replace``s it onto ``path``. On any failure the temporary file is removed and the previous
-    content of ``path`` (if any) is left untouched. The new file gets the usual umask permissions.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(_TMP_TOKEN_BYTES)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        break
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Best effort: make the rename durable (not possible on every OS/filesystem)."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_embedding_file(
@@ -476,13 +417,15 @@ def inspect_embedding(
     model: str | None = None,
     allow_pickle: bool = False,
     top_k: int = 1,
+    model_config: str | None = None,
 ) -> dict[str, Any]:
     """Describe an embedding file as JSON-ready data.
 
     Keys: ``file``, ``kind`` (xti/kohya), ``family``, ``placeholder``, ``n_vectors``, ``layers``,
     ``shapes`` and ``norms`` (L2 norm of each vector, per key), ``metadata``; with ``model``
     (a folder, ``builtin:`` name or hub id) also ``nearest_tokens``: per key, for each vector, the
-    ``top_k`` nearest vocabulary tokens (Euclidean, special tokens excluded).
+    ``top_k`` nearest vocabulary tokens (Euclidean, special tokens excluded). ``model`` may be
+    any model path (`xti.models.resolve_model_path`); a single file's config is `model_config`.
     """
     ef = load_embedding_file(path, allow_pickle=allow_pickle)
     info: dict[str, Any] = {
@@ -498,7 +441,7 @@ def inspect_embedding(
     }
     if model is not None:
         info["model"] = model
-        info["nearest_tokens"] = _nearest_tokens(ef, str(path), model, top_k)
+        info["nearest_tokens"] = _nearest_tokens(ef, str(path), model, top_k, model_config)
     return info
 
 
@@ -515,7 +458,9 @@ def _decoded_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _nearest_tokens(ef: EmbeddingFile, where: str, model: str, top_k: int) -> dict[str, Any]:
+def _nearest_tokens(
+    ef: EmbeddingFile, where: str, model: str, top_k: int, model_config: str | None = None
+) -> dict[str, Any]:
     from xti.kde import KDERegularizer
     from xti.models import load_text_encoder
 
@@ -524,7 +469,7 @@ def _nearest_tokens(ef: EmbeddingFile, where: str, model: str, top_k: int) -> di
     for spec in family.specs:
         keys = [k for layer in ef.layers if (k := family.file_key(spec.name, layer)) in ef.vectors]
         keys += [k for k in ef.vectors if k not in keys and k.startswith(f"{spec.name}.")]
-        tokenizer, text_encoder = load_text_encoder(model, spec)
+        tokenizer, text_encoder = load_text_encoder(model, spec, model_config)
         weight = text_encoder.get_input_embeddings().weight.detach().float()
         width = weight.shape[-1]
         file_width = ef.vectors[keys[0]].shape[-1]

@@ -454,13 +454,7 @@ class XTIAdapter:
         for slot in self._slots:
             slot.sync(concepts)
         batch = _batch_size(prompt, layer_prompts)
-        # The stock rule of pipelines with force_zeros_for_empty_prompt (SDXL): no negative
-        # prompt -> zero negative contexts and pooled embeds
-        zero_negatives = (
-            do_classifier_free_guidance
-            and negative_prompt is None
-            and bool(getattr(getattr(self.pipe, "config", None), "force_zeros_for_empty_prompt", 0))
-        )
+        zero_negatives = self._zero_negatives(do_classifier_free_guidance, negative_prompt)
         negs = None
         if do_classifier_free_guidance and not zero_negatives:
             negs = _as_list("" if negative_prompt is None else negative_prompt, batch, "negative")
@@ -494,6 +488,13 @@ class XTIAdapter:
                 pooled[0] if pooled is not None and do_classifier_free_guidance else None
             ),
         )
+
+    def _zero_negatives(self, guidance: bool, negative_prompt: Any) -> bool:
+        """The stock rule of pipelines with ``force_zeros_for_empty_prompt`` (SDXL): no negative
+        prompt -> zero negative contexts and pooled embeds."""
+        config = getattr(self.pipe, "config", None)
+        forced = bool(getattr(config, "force_zeros_for_empty_prompt", 0))
+        return guidance and negative_prompt is None and forced
 
     def _encode(
         self,

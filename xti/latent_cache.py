@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from xti.export import atomic_tmp_pattern
+from xti.paths import atomic_tmp_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class LatentDiskCache:
         bits from one that encoded."""
         from safetensors.torch import save as st_save
 
-        from xti.export import atomic_write_bytes
+        from xti.paths import atomic_write_bytes
 
         mean = mean.detach().to("cpu", torch.float32).contiguous()
         std = std.detach().to("cpu", torch.float32).contiguous()

@@ -1,9 +1,11 @@
 """Model loading: turn a `ModelConfig` into a typed `ModelBundle` of frozen SD 1.x/2.x or SDXL
 components.
 
-This module owns where models come from (``builtin:`` names, local diffusers folders, single-file
-``.safetensors``/``.ckpt`` checkpoints, hub ids), the prediction type, the training noise
-scheduler, and the one-line `XTIError` messages for every way a model path can be wrong. Which
+This module owns where models come from: `resolve_model_path`, the one resolver of a model path
+(``builtin:`` names, local diffusers folders, single-file ``.safetensors``/``.ckpt`` checkpoints, hub
+ids) that training, ``xti generate``/``sweep``/``layers``/``inspect``, the web UI and the CLI share,
+with the same one-line `XTIError` messages for every way a model path can be wrong; and the
+prediction type and the training noise scheduler. Which
 components a family has, and which family a model is, it asks `xti.families`.
 Local loads never touch the network. Components come back in fp32 on the CPU, in eval mode, with the
 text encoder, UNet and VAE frozen; moving them to a device or a dtype is the trainer's job.
@@ -25,11 +27,12 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from xti.builtin import BUILTIN_PREFIX, check_builtin_name, resolve_builtin
 from xti.config import ModelConfig
-from xti.demo.builders import BUILTIN_PREFIX, resolve_builtin
 from xti.errors import XTIError
 from xti.families import (
     SD1,
+    SDXL,
     EncoderPart,
     EncoderSpec,
     ModelFamily,
@@ -151,6 +154,56 @@ def looks_like_hub_id(path: str) -> bool:
     if path.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
         return False
     return bool(_HUB_ID.match(path))
+
+
+ModelKind = Literal["builtin", "folder", "file", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model path points: its `kind`, what the loaders get (`location`: a folder, a file or
+    a hub id) and the path as the user gave it (`shown`, for messages)."""
+
+    kind: ModelKind
+    location: str
+    shown: str
+
+
+def resolve_model_path(
+    path: str | None, *, build: bool = True, what: str = "model path"
+) -> ModelLocation:
+    """Resolve a model path: ``builtin:<name>`` (built on first use; with ``build=False`` only its
+    name is checked and `location` is empty), an existing diffusers folder, an existing single
+    checkpoint file, or a hub id (nothing is downloaded here). `what` starts the messages.
+
+    Raises:
+        XTIError: one line naming the path, for an empty path, an unknown builtin, something that
+            is neither a folder nor a file, or a path that does not exist and is no hub id.
+    """
+    shown = str(path or "").strip()
+    if not shown:
+        raise XTIError(
+            f"{what}: give a diffusers folder, a single .safetensors file, a hub id or "
+            "builtin:tiny-sd1"
+        )
+    if shown.startswith(BUILTIN_PREFIX):
+        if not build:
+            check_builtin_name(shown)
+            return ModelLocation("builtin", "", shown)
+        return ModelLocation("builtin", str(resolve_builtin(shown)), shown)
+    local = Path(shown).expanduser()
+    if local.is_dir():
+        return ModelLocation("folder", str(local), shown)
+    if local.is_file():
+        return ModelLocation("file", str(local), shown)
+    if local.exists():
+        raise XTIError(f"{shown}: not a folder or a file")
+    if looks_like_hub_id(shown):
+        return ModelLocation("hub", shown, shown)
+    raise XTIError(
+        f"{what} {shown} does not exist (give a diffusers folder, a .safetensors file, "
+        "a hub id like org/name, or builtin:tiny-sd1)"
+    )
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
@@ -285,7 +338,8 @@ def _check_folder(folder: Path, shown: str) -> tuple[EncoderSpec, ...]:
     return specs
 
 
-def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
+def _check_single_file(file: Path, cfg: ModelConfig, shown: str) -> None:
+    """Refuse pickles without ``model.allow_pickle`` and files that are no checkpoint."""
     suffix = file.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not cfg.allow_pickle:
         raise XTIError(
@@ -297,47 +351,82 @@ def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
             f"{shown}: not a model checkpoint (expected a diffusers folder, a .safetensors or "
             ".ckpt file, or a hub id)"
         )
-    config = cfg.single_file_config
-    offline = _offline()
-    local_config = False
+
+
+def _single_file_config(cfg: ModelConfig, shown: str) -> tuple[str | None, bool]:
+    """The config a single file is converted with (`model.single_file_config`: a local folder, or
+    a hub id, cached when offline) and whether it is read from disk only."""
+    config, offline = cfg.single_file_config, _offline()
     if config is None:
         if offline:
             raise XTIError(
                 f"{shown}: a single-file checkpoint needs model.single_file_config (a local diffusers "
                 "folder of the same model type, e.g. a saved SD 1.5 pipeline) when offline"
             )
-    else:
-        config_path = Path(config).expanduser()
-        if config_path.is_dir():
-            config = str(config_path)
-            local_config = True
-        elif not looks_like_hub_id(config):
-            raise XTIError(
-                f"model.single_file_config {config} does not exist (give a local diffusers folder "
-                "or a hub id)"
-            )
-        elif offline:
-            raise XTIError(
-                f"model.single_file_config {config} is not a local folder and the hub is offline "
-                "(give a local diffusers folder)"
-            )
+        return None, False
+    config_path = Path(config).expanduser()
+    if config_path.is_dir():
+        return str(config_path), True
+    if not looks_like_hub_id(config):
+        raise XTIError(
+            f"model.single_file_config {config} does not exist (give a local diffusers folder "
+            "or a hub id)"
+        )
+    if offline and not _in_hub_cache(config, None):
+        raise XTIError(
+            f"model.single_file_config {config} is not a local folder and the hub is offline "
+            "(give a local diffusers folder)"
+        )
+    return config, offline
 
-    # the family of the config folder's layout (SD 1.x/2.x without one)
-    family = of_specs(_encoder_specs(str(config), {}) if local_config else SD1.specs)
+
+SDXL_CHECKPOINT_KEY = "conditioner.embedders.1."
+"""The prefix of the second text encoder's weights in an original-format SDXL checkpoint."""
+
+
+def _checkpoint_specs(file: Path) -> tuple[EncoderSpec, ...]:
+    """The text encoders of an original-format checkpoint, from its tensor names (a safetensors
+    header is read, no weights): SDXL's two, else SD 1.x/2.x's one."""
+    if file.suffix.lower() in SAFE_SUFFIXES:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = list(f.keys())
+            if any(k.startswith(SDXL_CHECKPOINT_KEY) for k in names):
+                return SDXL.specs
+        except Exception:  # an unreadable file fails later, in the converter, with one line
+            pass
+    return SD1.specs
+
+
+def single_file_pipeline(file: Path, cfg: ModelConfig, shown: str) -> tuple[Any, ModelFamily]:
+    """A stock pipeline converted from a single checkpoint file, and its family (from the config's
+    ``model_index.json``, local or from the hub, else from the checkpoint's tensor names)."""
+    _check_single_file(file, cfg, shown)
+    config, local = _single_file_config(cfg, shown)
+    if config is None:
+        specs = _checkpoint_specs(file)
+    elif Path(config).is_dir():
+        specs = _encoder_specs(config, {})
+    else:
+        specs = _encoder_specs(config, {"local_files_only": local})
+    family = of_specs(specs)
     pipeline_class = family.pipeline_type()
-    extra = family.pipeline_extra()
     # With local_files_only=True and no config, diffusers would fall back to downloading; a local
     # config folder keeps the whole load offline.
     pipe = _load(
         shown,
         "the checkpoint",
         lambda: pipeline_class.from_single_file(
-            str(file),
-            config=config,
-            local_files_only=local_config or offline,
-            **extra,
+            str(file), config=config, local_files_only=local, **family.pipeline_extra()
         ),
     )
+    return pipe, family
+
+
+def _load_single_file(file: Path, cfg: ModelConfig, shown: str) -> ModelBundle:
+    pipe, family = single_file_pipeline(file, cfg, shown)
     names = ["unet", "vae"] + [n for s in family.specs for n in (s.tokenizer, s.text_encoder)]
     parts = {n: getattr(pipe, n) for n in names}
     return _finish(parts, dict(pipe.scheduler.config), cfg, str(file))
@@ -361,25 +450,17 @@ def load_model(cfg: ModelConfig) -> ModelBundle:
             folder, a refused pickle, a single file without a config when offline, or a component
             that fails to load.
     """
-    path = cfg.path.strip()
-    if path.startswith(BUILTIN_PREFIX):
-        folder = resolve_builtin(path)
-        assert folder is not None
-        return _load_components(str(folder), cfg, path, local=True, revision=None)
-
-    local = Path(path).expanduser()
-    if local.is_dir():
-        specs = _check_folder(local, path)
-        return _load_components(str(local), cfg, str(local), local=True, revision=None, specs=specs)
-    if local.is_file():
-        return _load_single_file(local, cfg, path)
-    if local.exists():
-        raise XTIError(f"{path}: not a folder or a file")
-    if not looks_like_hub_id(path):
-        raise XTIError(
-            f"model path {path} does not exist (give a diffusers folder, a .safetensors file, "
-            "a hub id like org/name, or builtin:tiny-sd1)"
+    where = resolve_model_path(cfg.path)
+    path = where.shown
+    if where.kind == "builtin":
+        return _load_components(where.location, cfg, path, local=True, revision=None)
+    if where.kind == "folder":
+        specs = _check_folder(Path(where.location), path)
+        return _load_components(
+            where.location, cfg, where.location, local=True, revision=None, specs=specs
         )
+    if where.kind == "file":
+        return _load_single_file(Path(where.location), cfg, path)
     offline = _offline()
     if offline and not _in_hub_cache(path, cfg.revision):
         raise XTIError(
@@ -389,49 +470,58 @@ def load_model(cfg: ModelConfig) -> ModelBundle:
     return _load_components(path, cfg, path, local=offline, revision=cfg.revision)
 
 
-def load_unet_structure(path: str) -> UNet2DConditionModel:
+def load_unet_structure(path: str, config: str | None = None) -> UNet2DConditionModel:
     """Build a model's UNet on the meta device from its config alone (no weights read).
 
-    Enough for structure questions such as the layer scheme (`xti layers`). `path` is a diffusers
-    folder, a ``builtin:`` name or a hub id (online or cached).
+    Enough for structure questions such as the layer scheme (`xti layers`). `path` is any model path
+    (`resolve_model_path`); a single checkpoint file is converted once (`config`: its
+    ``model.single_file_config``) and its UNet's config used.
     """
-    path = path.strip()
-    folder = resolve_builtin(path) if path.startswith(BUILTIN_PREFIX) else Path(path).expanduser()
-    if folder is not None and Path(folder).is_dir():
-        config_file = Path(folder) / "unet" / "config.json"
-        if not config_file.is_file():
-            raise XTIError(f"{path}: no unet/config.json (expected a diffusers model folder)")
-        config = _read_json(config_file)
-    elif looks_like_hub_id(path):
-        config = _load(
-            path, "unet config", lambda: UNet2DConditionModel.load_config(path, subfolder="unet")
+    where = resolve_model_path(path)
+    if where.kind == "file":
+        cfg = ModelConfig(path=where.shown, single_file_config=config)
+        pipe, _ = single_file_pipeline(Path(where.location), cfg, where.shown)
+        unet_config = dict(pipe.unet.config)
+    elif where.kind == "hub":
+        unet_config = _load(
+            where.shown,
+            "unet config",
+            lambda: UNet2DConditionModel.load_config(where.location, subfolder="unet"),
         )
     else:
-        raise XTIError(f"model path {path} does not exist (give a diffusers folder or a hub id)")
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+        config_file = Path(where.location) / "unet" / "config.json"
+        if not config_file.is_file():
+            raise XTIError(
+                f"{where.shown}: no unet/config.json (expected a diffusers model folder)"
+            )
+        unet_config = _read_json(config_file)
+    unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+        return UNet2DConditionModel.from_config(unet_config)
 
 
-def load_text_encoder(model: str, spec: EncoderSpec) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """One tokenizer and text encoder of a model (a folder, a ``builtin:`` name or a hub id), in
-    eval mode: enough for questions about its vocabulary (`xti inspect --model`)."""
-    path = model.strip()
-    if path.startswith(BUILTIN_PREFIX):
-        location = str(resolve_builtin(path))
-    elif Path(path).expanduser().is_dir():
-        location = str(Path(path).expanduser())
-    elif looks_like_hub_id(path):
-        location = path
-    else:
-        raise XTIError(f"model {path} does not exist (give a diffusers folder or a hub id)")
+def load_text_encoder(
+    model: str, spec: EncoderSpec, config: str | None = None
+) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """One tokenizer and text encoder of a model (any model path, `resolve_model_path`; `config`:
+    a single file's ``model.single_file_config``), in eval mode: enough for questions about its
+    vocabulary (`xti inspect --model`)."""
+    where = resolve_model_path(model)
+    if where.kind == "file":
+        cfg = ModelConfig(path=where.shown, single_file_config=config)
+        pipe, _ = single_file_pipeline(Path(where.location), cfg, where.shown)
+        tokenizer, text_encoder = getattr(pipe, spec.tokenizer), getattr(pipe, spec.text_encoder)
+        if tokenizer is None or text_encoder is None:
+            raise XTIError(f"{where.shown}: has no {spec.tokenizer}/{spec.text_encoder}")
+        return tokenizer, text_encoder.eval()
     cls = CLIPTextModelWithProjection if spec.projection else CLIPTextModel
+    location = where.location
     try:
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder=spec.tokenizer)
         text_encoder = cls.from_pretrained(location, subfolder=spec.text_encoder)
     except Exception as err:  # any loader failure becomes one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise XTIError(
-            f"{path}: cannot load its {spec.tokenizer}/{spec.text_encoder} ({first})"
+            f"{where.shown}: cannot load its {spec.tokenizer}/{spec.text_encoder} ({first})"
         ) from None
     return tokenizer, text_encoder.eval()

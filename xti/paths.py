@@ -1,5 +1,6 @@
-"""Paths: xti's cache folder, and the paths the user names for us to write to (file names, output
-folders, output files).
+"""Paths: xti's cache folder, the paths the user names for us to write to (file names, output
+folders, output files), and atomic file writes (`atomic_write_bytes`: every file the project writes
+goes through it, so none is ever seen half-written).
 
 Every check here runs before anything is loaded or written and fails with one line (`XTIError`)
 naming the setting and what to do: a name that is not a plain file name (``../x``, ``/abs``,
@@ -8,12 +9,22 @@ naming the setting and what to do: a name that is not a plain file name (``../x`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
 from pathlib import Path
 
 from xti.errors import XTIError
 
-__all__ = ["cache_dir", "check_file_name", "check_output_dir", "check_output_file"]
+__all__ = [
+    "atomic_tmp_pattern",
+    "atomic_write_bytes",
+    "cache_dir",
+    "check_file_name",
+    "check_output_dir",
+    "check_output_file",
+]
 
 
 def cache_dir() -> Path:
@@ -78,3 +89,61 @@ def check_output_file(path: str | os.PathLike[str], what: str) -> Path:
         raise XTIError(f"{what} {p} is a folder; give a file name (e.g. {p / 'out.safetensors'})")
     check_output_dir(p.parent if str(p.parent) else Path("."), f"{what} folder")
     return p
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+_TMP_TOKEN_BYTES = 6
+
+
+def atomic_tmp_pattern(name_regex: str = r".+") -> re.Pattern[str]:
+    """The names `atomic_write_bytes` gives its temporary files (``.<name>.<12 hex>.tmp``) for
+    target names matching `name_regex`: what clean-ups of killed writes may remove."""
+    return re.compile(rf"^\.{name_regex}\.[0-9a-f]{{{2 * _TMP_TOKEN_BYTES}}}\.tmp$")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` never exists half-written.
+
+    Writes a temporary file in the same directory (created if missing), flushes and fsyncs it, then
+    ``os.replace``s it onto ``path``. On any failure the temporary file is removed and the previous
+    content of ``path`` (if any) is left untouched. The new file gets the usual umask permissions.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(_TMP_TOKEN_BYTES)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Best effort: make the rename durable (not possible on every OS/filesystem)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

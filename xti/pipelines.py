@@ -18,54 +18,56 @@ from typing import Any
 import torch
 
 from xti.errors import XTIError
-from xti.export import atomic_write_bytes
 from xti.families import of_pipeline
+from xti.paths import atomic_write_bytes
 
 PathLike = str | os.PathLike[str]
 
 __all__ = ["SCHEDULER_ALIASES", "image_grid", "load_pipeline", "save_images", "set_scheduler"]
 
 
-def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None) -> Any:
-    """Load a diffusers SD 1.x/2.x or SDXL pipeline from a folder, a ``builtin:`` name or a hub id
-    (the class comes from its ``model_index.json``).
+def load_pipeline(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    config: str | None = None,
+) -> Any:
+    """Load a diffusers SD 1.x/2.x or SDXL pipeline from any model path (`xti.models.
+    resolve_model_path`: a ``builtin:`` name, a folder, a single checkpoint file or a hub id); the
+    class comes from its ``model_index.json`` (for a single file: its config's, see
+    `xti.models.single_file_pipeline`).
 
     Args:
-        model: ``builtin:tiny-sd1``, ``builtin:tiny-sdxl``, a local diffusers folder, or a hub id
-            (cached when offline).
+        model: ``builtin:tiny-sd1``, ``builtin:tiny-sdxl``, a local diffusers folder, a single
+            ``.safetensors`` checkpoint, or a hub id (cached when offline).
         device: ``cpu``, ``cuda``, ``cuda:1``...; default cuda when available.
         dtype: ``fp32``, ``fp16`` or ``bf16``; default fp16 on cuda, fp32 on cpu.
+        config: for a single file, its ``model.single_file_config`` (a diffusers folder of the
+            same model type, or a hub id); needed offline.
     """
     from diffusers import DiffusionPipeline
 
-    from xti.demo.builders import BUILTIN_PREFIX, resolve_builtin
-    from xti.models import looks_like_hub_id
+    from xti.config import ModelConfig
+    from xti.models import resolve_model_path, single_file_pipeline
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     name = dtype or ("fp16" if dev.startswith("cuda") else "fp32")
     if name not in dtypes:
         raise XTIError(f"dtype {name!r}: use fp32, fp16 or bf16")
-    path = model.strip()
-    local = Path(path).expanduser()
-    if path.startswith(BUILTIN_PREFIX):
-        location = str(resolve_builtin(path))
-    elif local.is_dir():
-        if not (local / "model_index.json").is_file():
-            raise XTIError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-        location = str(local)
-    elif local.is_file():
-        raise XTIError(
-            f"{path}: single-file checkpoints are not supported here; convert it to a diffusers "
-            "folder (StableDiffusionPipeline.from_single_file(...).save_pretrained(folder))"
-        )
-    elif looks_like_hub_id(path):
-        location = path
-    else:
-        raise XTIError(f"model {path} does not exist (give a diffusers folder or a hub id)")
+    where = resolve_model_path(model)
+    path = where.shown
+    if where.kind == "file":
+        cfg = ModelConfig(path=path, single_file_config=config)
+        pipe, _ = single_file_pipeline(Path(where.location), cfg, path)
+    elif where.kind == "folder" and not (Path(where.location) / "model_index.json").is_file():
+        raise XTIError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, dtype=dtypes[name])
-        pipe = pipe.to(dev)
+        if where.kind == "file":  # converted in fp32; casting fp32 to fp32 makes diffusers warn
+            pipe = pipe.to(dev) if name == "fp32" else pipe.to(dev, dtypes[name])
+        else:
+            pipe = DiffusionPipeline.from_pretrained(where.location, dtype=dtypes[name]).to(dev)
     except XTIError:
         raise
     except Exception as err:  # any loader failure becomes one line

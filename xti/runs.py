@@ -16,7 +16,7 @@ This module owns:
   ``optimizer.safetensors`` (AdamW state tensors) and ``xti_state.json`` (step, run id,
   fingerprint, config, scheduler position, optimizer hyper-parameters, grad-scaler state). Nothing
   else in the folder is ever read. Random state is not saved: every draw of a step is a function of
-  ``(seed, micro-step)`` (`xti.training.step_generator`). A checkpoint is written into
+  ``(seed, micro-step)`` (`xti.step.step_generator`). A checkpoint is written into
   ``step-NNNNNN.tmp/`` and renamed, so it is complete or absent. `latest_checkpoint` and
   `prune_checkpoints` only consider checkpoints of one run, ordered by step number.
 * **Stop signals.** `StopSignals` turns SIGINT and SIGTERM into `RunInterrupted` at the next step
@@ -46,9 +46,8 @@ from typing import Any
 import torch
 
 from xti.errors import XTIError
-from xti.export import atomic_tmp_pattern
 from xti.families import named
-from xti.paths import check_output_dir
+from xti.paths import atomic_tmp_pattern, check_output_dir
 
 try:  # POSIX; elsewhere the folder is not locked
     import fcntl
@@ -321,7 +320,7 @@ def save_checkpoint(
     folder. Call it on the main process only."""
     from safetensors.torch import save as st_save
 
-    from xti.export import atomic_write_bytes
+    from xti.paths import atomic_write_bytes
 
     final = folder / f"step-{step:06d}"
     tmp = folder / f"step-{step:06d}.tmp"
@@ -464,7 +463,7 @@ def read_owner(out: Path) -> dict[str, Any] | None:
 
 def write_owner(out: Path, info: dict[str, Any]) -> None:
     """Record this run as the owner of `out` (atomically)."""
-    from xti.export import atomic_write_bytes
+    from xti.paths import atomic_write_bytes
 
     atomic_write_bytes(out / OWNER_FILE, json.dumps(info, indent=1).encode())
 

@@ -275,7 +275,7 @@ def save_sweep(result: SweepResult, path: str | Path, params: dict[str, Any] | N
     PNG text chunk ``xti``. Returns the path."""
     from PIL.PngImagePlugin import PngInfo
 
-    from xti.export import atomic_write_bytes
+    from xti.paths import atomic_write_bytes
 
     info = PngInfo()
     meta = {

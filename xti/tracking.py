@@ -1,4 +1,6 @@
-"""Dashboards: tracker setup, scalars, images and tables, the model card, and reading runs back.
+"""Dashboards: tracker setup, scalars, images and tables, the model card, and reading runs back; and
+what a training run reports (`step_logs`: the scalars of a step; `run_timing`: the timing fields of
+``summary.json``; `warn_if_frozen`: the warning about a run that does not move).
 
 Training talks to trackers only through Accelerate (`accelerator.init_trackers`, `accelerator.log`)
 and through the helpers here for what Accelerate has no generic call for: images (captioned grids)
@@ -17,18 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import statistics
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
 from xti.errors import XTIError
 from xti.families import named
+
+if TYPE_CHECKING:
+    from xti.config import Config
+    from xti.kde import KDERegularizer, KDEStats
+    from xti.latent_cache import LatentReport
 
 logger = logging.getLogger("xti")
 
@@ -217,12 +228,12 @@ def write_model_card(
     """Write ``README.md`` into the output folder: base model, settings, timing, samples, and how
     to generate with the file in a diffusers pipeline.
 
-    `timing` holds ``summary.json``'s timing fields (`xti.training.TIMING_KEYS`).
+    `timing` holds ``summary.json``'s timing fields (`TIMING_KEYS`).
 
     A ``README.md`` that xti did not write (no `MODEL_CARD_MARKER` first line) is never replaced:
     the card then goes to ``MODEL_CARD.md`` with a warning. Returns the path written.
     """
-    from xti.export import atomic_write_bytes
+    from xti.paths import atomic_write_bytes
 
     c = config
     rel = os.path.relpath(embedding_file, folder)
@@ -315,7 +326,7 @@ def _pipeline_source(base_model: str, pipeline: str) -> list[str]:
     (a builtin model, a single file, or a folder / hub id)."""
     if base_model.startswith("builtin:"):
         return [
-            "from xti.demo.builders import resolve_builtin",
+            "from xti.builtin import resolve_builtin",
             f"pipe = {pipeline}.from_pretrained(resolve_builtin({json.dumps(base_model)}))",
         ]
     if base_model.lower().endswith((".safetensors", ".ckpt")):
@@ -454,3 +465,189 @@ def read_wandb_offline_run(run_dir: str | Path) -> WandbRun:
         else []
     )
     return run
+
+
+# ----------------------------------------------------------------------------- a run's reports
+
+
+FROZEN_CHECK_AT = 0.1
+"""Fraction of `train.max_steps` after which a run that has not moved is called frozen."""
+
+
+FROZEN_THRESHOLD = 0.01
+"""A run is frozen when its vectors moved less than this fraction of their initial norm."""
+
+
+def frozen_check_at(max_steps: int, warmup_steps: int) -> int:
+    """The step at which `warn_if_frozen` looks: after `FROZEN_CHECK_AT` of the run, and not
+    before the learning-rate warm-up is over (a run still warming up has barely moved by design)."""
+    return min(max_steps, max(1, math.ceil(FROZEN_CHECK_AT * max_steps), warmup_steps))
+
+
+def warn_if_frozen(cfg: Config, moved: float, step: int) -> bool:
+    """Warn (once, by the caller) when the vectors moved less than `FROZEN_THRESHOLD` of their
+    initial norm; True when it warned."""
+    if moved >= FROZEN_THRESHOLD:
+        return False
+    logger.warning(
+        "the run looks frozen: after %d of %d steps the vectors moved %.3g%% of their initial norm "
+        "(under %g%%). Raise train.lr (now %g) or lower kde.weight (now %g); check "
+        "train.lr_warmup_steps (now %d) too.",
+        step, cfg.train.max_steps, 100 * moved, 100 * FROZEN_THRESHOLD, cfg.train.lr,
+        cfg.kde.weight, cfg.train.lr_warmup_steps,
+    )  # fmt: skip
+    return True
+
+
+def per_encoder(values: dict[str, Any]) -> Any:
+    """``summary.json``'s shape of a per-encoder value: the value itself for a model with one text
+    encoder, ``{encoder: value}`` for several."""
+    return next(iter(values.values())) if len(values) == 1 else values
+
+
+TIMING_KEYS = (
+    "setup_seconds",
+    "launch_to_first_step_seconds",
+    "latent_seconds",
+    "latent_cache",
+    "latents_encoded",
+    "latents_total",
+    "median_step_seconds",
+    "steps_timed",
+    "mixed_precision",
+    "device",
+)
+"""The timing fields of ``summary.json`` (and the model card), see `run_timing`."""
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (None where psutil cannot tell)."""
+    try:
+        import psutil  # a dependency of accelerate
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:
+        return None
+
+
+def run_timing(
+    setup_seconds: float | None,
+    latents: LatentReport,
+    step_seconds: list[float],
+    process_age: float | None = None,
+) -> dict[str, Any]:
+    """The timing fields of ``summary.json``: ``setup_seconds`` (from `train()` to the first step
+    of this process), ``launch_to_first_step_seconds`` (from the process start, interpreter and
+    imports included), ``latent_seconds`` and ``latent_cache`` (hit, miss, partial or off) with
+    ``latents_encoded`` of ``latents_total`` going through the VAE, and ``median_step_seconds``
+    over the ``steps_timed`` optimizer steps this process ran (validation and checkpoints not
+    included). `process_age` is the process's age when `train()` was called. (The summary adds
+    ``mixed_precision`` and ``device``, which the times depend on.)"""
+    launch = None
+    if setup_seconds is not None and process_age is not None:
+        launch = round(process_age + setup_seconds, 2)
+    return {
+        "setup_seconds": round(setup_seconds, 2) if setup_seconds is not None else None,
+        "launch_to_first_step_seconds": launch,
+        "latent_seconds": round(latents.seconds, 2),
+        "latent_cache": latents.status,
+        "latents_encoded": latents.encoded,
+        "latents_total": latents.total,
+        "median_step_seconds": round(median(step_seconds), 4) if step_seconds else None,
+        "steps_timed": len(step_seconds),
+    }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocated on GPUs, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = (
+                node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+            )
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat
+
+
+def step_logs(
+    loss: float,
+    parts: dict[str, Any],
+    lr: float,
+    grad_norm: torch.Tensor,
+    vectors: dict[str, torch.Tensor],
+    variant_of_layer: torch.Tensor,
+    layer_names: list[str],
+    *,
+    kdes: dict[str, KDERegularizer] | None = None,
+    kde_stats: dict[str, KDEStats] | None = None,
+    moved: float | None = None,
+) -> dict[str, float]:
+    """Scalars of one step: loss parts, lr, gradient norm (after the KDE and clipping), the KDE
+    figures (K, ``grad_norm/diffusion``, ``grad_norm/kde``, ``kde/effective_weight``, summed over
+    encoders; present when the KDE was applied this step), ``vectors/moved`` (``||V - V0|| /
+    ||V0||``), and per layer the mean vector norm and KDE value (``norm/<layer>``, ``kde/<layer>``;
+    ``norm/<encoder>/<layer>`` when there are two encoders)."""
+    logs: dict[str, float] = {
+        "loss": loss,
+        "mse": float(parts["mse"]),
+        "lr": float(lr),
+        "grad_norm": float(grad_norm),
+    }
+    if moved is not None:
+        logs["vectors/moved"] = moved
+    if kde_stats:
+        logs["grad_norm/diffusion"] = math.sqrt(
+            sum(x.grad_diffusion**2 for x in kde_stats.values())
+        )
+        logs["grad_norm/kde"] = math.sqrt(sum(x.grad_kde**2 for x in kde_stats.values()))
+        logs["kde/effective_weight"] = max(x.effective_weight for x in kde_stats.values())
+    kdes = kdes or {}
+    kde_total = 0.0
+    for enc, tensor in vectors.items():
+        prefix = f"{enc}/" if len(vectors) > 1 else ""
+        norms = tensor.detach().float().norm(dim=-1).mean(-1)  # [V]
+        kde_v = None
+        if enc in kdes:
+            with torch.no_grad():
+                kde_v = kdes[enc](tensor.detach())  # [V, n]
+            kde_total += float(kde_v.mean())
+        for i, name in enumerate(layer_names):
+            v = int(variant_of_layer[i])
+            logs[f"norm/{prefix}{name}"] = float(norms[v])
+            if kde_v is not None:
+                logs[f"kde/{prefix}{name}"] = float(kde_v[v].mean())
+    if kdes:
+        logs["kde"] = kde_total
+    return logs
+
+
+def nearest_vocabulary_tokens(
+    kde, vectors: torch.Tensor, variant_of_layer: torch.Tensor, layer_names: list[str], tokenizer
+) -> dict[str, list[str]]:
+    if kde is None:
+        return {}
+    with torch.no_grad():
+        _, idx = kde.nearest(vectors.detach().float().reshape(-1, vectors.shape[-1]), k=1)
+    idx = idx.reshape(vectors.shape[0], vectors.shape[1], -1)[..., 0]
+    out = {}
+    for i, name in enumerate(layer_names):
+        out[name] = tokenizer.convert_ids_to_tokens(idx[int(variant_of_layer[i])].tolist())
+    return out

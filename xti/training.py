@@ -1,32 +1,20 @@
-"""The training step maths and the one `train()` loop (DESIGN §3).
+r"""The training run (DESIGN §3): `train()` and the `Trainer` that wires the step into an Accelerate
+loop.
 
-The step is built from small pure functions:
+The step's maths (sampling a batch from ``(seed, micro-step)``, the objective, `compute_loss`) lives in
+`xti.step`; what a run reports (step scalars, timing, the frozen-run warning) in `xti.tracking`; the
+checks of its inputs in `xti.checks`; what makes a run trustworthy on disk (folder lock and
+ownership, run identity, pickle-free checkpoints, stop signals, non-finite guards) in `xti.runs`.
 
-* `step_generator` / `sample_batch`: everything random about a micro-step (which image, which
-  augmentation, which prompt, latent sample, noise, timesteps) is a function of ``(seed, micro-step)``
-  alone. The *global* batch is drawn and each process takes its slice, so resuming is exact and
-  N processes × B images equal one process × N·B images.
-* `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR).
-* `compute_loss`: encode per-layer contexts (each text encoder runs once, through the per-layer
-  encoder inference shares, `xti.embeddings.encode_per_layer`), run the UNet with them.
-* the KDE term (`xti.kde.add_relative_kde_gradient`) joins the gradient once per optimizer step,
-  scaled relative to the complete diffusion gradient; `warn_if_frozen` watches for runs that
-  do not move.
-
-``tests/test_step_maths.py`` checks the sampling and objective functions one by one against their
-formulas; `compute_loss` and the loop are checked end to end (shared mode against an independent
-textual-inversion step, exact resume, DDP against one process) in ``tests/test_training.py`` and
-others. Whatever differs between SD 1.x/2.x and SDXL (text encoders, pooled embeds, ``time_ids``,
-file keys, the validation pipeline) the model's `xti.families.ModelFamily` answers.
-
-`train()` wires these into an Accelerate loop, a `Trainer` made of small steps (setup, optimizer
-step, after-step events: log, validate, checkpoint, snapshot; after-run events: summary, model
-card, run record): mixed precision with fp32 vectors, gradient accumulation, DDP over the vectors
-only, checkpoints and exact resume, snapshots, export, metrics. What makes a run trustworthy on
-disk (folder lock and ownership, run identity, pickle-free checkpoints, stop signals, non-finite
-guards) lives in `xti.runs`; the `Trainer` calls it. Everything it changes on the caller's models
-(concept embeddings, attention processors, gradient checkpointing) and Accelerate's process-wide
-state is undone on every way out.
+The `Trainer` holds a handful of named parts, each a small record built by one step of its visible
+`Trainer.setup` (concept plan, run identity, data, models, optimizer), runs the optimizer steps
+(the accumulated diffusion gradient, the KDE term joined once per optimizer step relative to it,
+clipping, AdamW) and then the after-step events (log, validate, checkpoint, snapshot) and the
+after-run events (summary, model card, run record). Callers may add their own `TrainCallback`\ s
+(checkpoint saved, validation images saved, run finished). Mixed precision with fp32 vectors,
+gradient accumulation, DDP over the vectors only, exact resume. Everything it changes on the
+caller's models (concept embeddings, attention processors, gradient checkpointing) and
+Accelerate's process-wide state is undone on every way out.
 """
 
 from __future__ import annotations
@@ -37,8 +25,6 @@ import functools
 import io
 import json
 import logging
-import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,269 +36,69 @@ from torch import nn
 
 from xti import runs
 from xti.attention import install_processors
-from xti.config import Config
-from xti.data import (
-    augment,
-    check_captions,
-    check_prompt_lengths,
-    load_images,
-    pick_augmentations,
-    prompts_per_image,
+from xti.callbacks import (
+    CheckpointSaved,
+    EventLog,
+    RunFinished,
+    TrainCallback,
+    ValidationImagesSaved,
+    dispatch,
 )
+from xti.checks import (
+    check_mix_with,
+    check_prompts,
+    check_resolution,
+    load_mix_with,
+    resume_checkpoint,
+)
+from xti.config import Config
+from xti.data import augment, check_captions, load_images, prompts_per_image
 from xti.embeddings import (
     ConceptSet,
     ConceptVectors,
     PlaceholderTokens,
     add_placeholder_tokens,
-    encode_per_layer,
     initializer_vectors,
     install_token_embedding,
     layer_variants,
-    tokenize,
 )
 from xti.errors import XTIError
-from xti.export import (
-    EmbeddingFile,
-    atomic_write_bytes,
-    build_metadata,
-    load_embedding_file,
-    save_embedding_file,
-)
-from xti.families import EncoderPart, ModelFamily
-from xti.inference import match_layers
+from xti.export import EmbeddingFile, build_metadata, save_embedding_file
+from xti.families import EncoderPart
 from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
 from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
 from xti.models import ModelBundle, load_model
+from xti.paths import atomic_write_bytes
+from xti.step import (
+    Batch,
+    PromptTable,
+    StepModels,
+    compute_loss,
+    relative_movement,
+    sample_batch,
+)
 from xti.tracking import (
+    TIMING_KEYS,
     Smoother,
+    flat_config,
+    frozen_check_at,
     log_images,
     log_table,
+    median,
+    nearest_vocabulary_tokens,
+    peak_memory_gb,
+    per_encoder,
+    process_age,
+    run_timing,
     setup_tracking,
+    step_logs,
+    warn_if_frozen,
     write_model_card,
 )
 from xti.validation import DEFAULT_VALIDATION_PROMPTS, validation_grid
 
 logger = logging.getLogger("xti")
-
-
-# ----------------------------------------------------------------------------- step maths
-
-
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """CPU generator for one micro-step, a pure function of the run seed and the micro-step."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + micro_step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (
-        2**63
-    )
-    return torch.Generator().manual_seed(mixed)
-
-
-@dataclass
-class Batch:
-    """One process's share of a micro-step: latents, noise, timesteps and prompt ids.
-
-    ``ids`` holds the prompts' ``[B, T]`` token ids per text encoder (keyed by encoder name:
-    ``text``, or ``clip_l`` and ``clip_g``); ``time_ids`` the per-sample ``[B, 6]`` size
-    conditioning (original size, crop top-left, target size) of families that use it (SDXL).
-    """
-
-    latents: torch.Tensor
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    ids: dict[str, torch.Tensor]
-    image_ids: torch.Tensor
-    time_ids: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            latents=self.latents.to(device),
-            noise=self.noise.to(device),
-            timesteps=self.timesteps.to(device),
-            ids={name: ids.to(device) for name, ids in self.ids.items()},
-            image_ids=self.image_ids.to(device),
-            time_ids=self.time_ids.to(device) if self.time_ids is not None else None,
-        )
-
-
-@dataclass
-class PromptTable:
-    """All prompts tokenized once: per text encoder ``ids[name]: [P, T]`` and, per image, the rows
-    it may use."""
-
-    ids: dict[str, torch.Tensor]
-    first_row: torch.Tensor  # [num_images] first row of each image's prompts
-    count: torch.Tensor  # [num_images] number of prompts of each image
-
-    @classmethod
-    def build(
-        cls,
-        tokenizers: Mapping[str, Any],
-        prompts: list[list[str]],
-        tokens: Mapping[str, PlaceholderTokens],
-    ) -> PromptTable:
-        """Tokenize every image's prompts with each encoder's tokenizer (``{name: tokenizer}``),
-        the placeholder expanded to that tokenizer's tokens (``{name: PlaceholderTokens}``)."""
-        flat = [p for per_image in prompts for p in per_image]
-        count = torch.tensor([len(p) for p in prompts])
-        first = torch.cumsum(count, 0) - count
-        ids = {
-            name: tokenize(tok, [tokens[name].expand(p) for p in flat])
-            for name, tok in tokenizers.items()
-        }
-        return cls(ids, first, count)
-
-
-def sample_batch(
-    cache: Any,
-    prompts: PromptTable,
-    *,
-    num_train_timesteps: int,
-    global_batch: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    micro_step: int,
-    flip_p: float,
-    noise_offset: float = 0.0,
-    resolution: int | None = None,
-) -> Batch:
-    """Draw the global batch of a micro-step and return this process's slice.
-
-    With `resolution` (the trainer passes it when the family `uses_time_ids`) and a cache that
-    knows crop positions, the batch carries ``time_ids``.
-    """
-    g = step_generator(seed, micro_step)
-    num_images = len(prompts.count)
-    image_ids = torch.randint(num_images, (global_batch,), generator=g)
-    aug = pick_augmentations(cache, image_ids, flip_p, g)
-    latents = cache.sample(aug, g)
-    pick = (torch.rand(global_batch, generator=g) * prompts.count[image_ids]).long()
-    rows = prompts.first_row[image_ids] + pick.clamp(max=prompts.count[image_ids] - 1)
-    noise = torch.randn(latents.shape, generator=g)
-    if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-    timesteps = torch.randint(0, num_train_timesteps, (global_batch,), generator=g)
-    time_ids = None
-    original = getattr(cache, "original_size", None)
-    if resolution is not None and original is not None:
-        target = torch.tensor([resolution, resolution]).expand(global_batch, 2)
-        time_ids = torch.cat([original[aug], cache.crop_top_left[aug], target], dim=1).float()
-    per = global_batch // world_size
-    s = slice(rank * per, (rank + 1) * per)
-    return Batch(
-        latents=latents[s],
-        noise=noise[s],
-        timesteps=timesteps[s],
-        ids={name: table[rows][s] for name, table in prompts.ids.items()},
-        image_ids=image_ids[s],
-        time_ids=time_ids[s] if time_ids is not None else None,
-    )
-
-
-def diffusion_target(
-    scheduler,
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:
-    """The regression target: the noise (epsilon) or the velocity (v_prediction)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise XTIError(f"unsupported prediction_type '{prediction_type}' (epsilon or v_prediction)")
-
-
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at the timesteps (fp32)."""
-    ac = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return ac / (1.0 - ac).clamp(min=1e-12)
-
-
-def snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma per-sample loss weights (Hang et al. 2023) for epsilon or v targets."""
-    clipped = torch.minimum(snr_values, torch.full_like(snr_values, gamma))
-    if prediction_type == "v_prediction":
-        return clipped / (snr_values + 1.0)
-    return clipped / snr_values.clamp(min=1e-8)
-
-
-def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean squared error in fp32, optionally weighted per sample."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean()
-
-
-@dataclass
-class StepModels:
-    """The frozen models and concept wiring that one step needs.
-
-    ``parts`` are the family's text encoders (carrying the concept's token embedding) and
-    ``tokens`` each one's placeholder tokens, keyed by encoder name; ``pooled`` says where SDXL's
-    pooled ``text_embeds`` come from (``slot`` or ``mean``, see `ModelFamily.vector_sets`).
-    """
-
-    family: ModelFamily
-    parts: list[EncoderPart]
-    unet: nn.Module
-    scheduler: Any
-    tokens: dict[str, PlaceholderTokens]
-    variant_of_layer: torch.Tensor
-    num_variants: int
-    prediction_type: str
-    dtype: torch.dtype = torch.float32
-    pooled: str = "slot"
-
-
-def compute_loss(
-    m: StepModels,
-    batch: Batch,
-    *,
-    snr_gamma: float | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Diffusion loss of one micro-step (the KDE term is added to the gradient once per optimizer
-    step instead, by `xti.kde.add_relative_kde_gradient`).
-
-    Args:
-        m: models and concept wiring (the text encoders must carry the concept token embedding).
-        batch: this process's batch, on the models' device.
-        snr_gamma: min-SNR gamma, or None for plain MSE.
-
-    Returns:
-        The scalar loss and a dict of detached parts: ``mse``.
-    """
-    contexts, pooled = encode_per_layer(
-        m.family, m.parts, batch.ids, m.tokens, m.variant_of_layer, m.num_variants, m.pooled
-    )
-    added_cond = m.family.added_cond(pooled, batch.time_ids, m.dtype)
-    contexts = contexts.to(m.dtype)
-    noisy = m.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-    pred = m.unet(
-        noisy.to(m.dtype),
-        batch.timesteps,
-        encoder_hidden_states=contexts[0],
-        added_cond_kwargs=added_cond,
-        cross_attention_kwargs={"xti_contexts": contexts},
-    ).sample
-    target = diffusion_target(
-        m.scheduler, batch.latents, batch.noise, batch.timesteps, m.prediction_type
-    )
-    weights = None
-    if snr_gamma is not None:
-        weights = snr_weights(snr(m.scheduler, batch.timesteps), snr_gamma, m.prediction_type)
-    mse = diffusion_loss(pred, target, weights)
-    return mse, {"mse": mse.detach()}
-
-
-FROZEN_CHECK_AT = 0.1
-"""Fraction of `train.max_steps` after which a run that has not moved is called frozen."""
-FROZEN_THRESHOLD = 0.01
-"""A run is frozen when its vectors moved less than this fraction of their initial norm."""
 
 
 def build_kdes(
@@ -337,36 +123,6 @@ def build_kdes(
     return out
 
 
-def relative_movement(vectors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
-    """``||V - V0|| / ||V0||`` over all encoders' vectors together (0 when V0 is all zeros)."""
-    moved = sum(
-        float((vectors[k].detach().float() - v.float()).square().sum()) for k, v in initial.items()
-    )
-    size = sum(float(v.float().square().sum()) for v in initial.values())
-    return math.sqrt(moved / size) if size > 0 else 0.0
-
-
-def frozen_check_at(max_steps: int, warmup_steps: int) -> int:
-    """The step at which `warn_if_frozen` looks: after `FROZEN_CHECK_AT` of the run, and not
-    before the learning-rate warm-up is over (a run still warming up has barely moved by design)."""
-    return min(max_steps, max(1, math.ceil(FROZEN_CHECK_AT * max_steps), warmup_steps))
-
-
-def warn_if_frozen(cfg: Config, moved: float, step: int) -> bool:
-    """Warn (once, by the caller) when the vectors moved less than `FROZEN_THRESHOLD` of their
-    initial norm; True when it warned."""
-    if moved >= FROZEN_THRESHOLD:
-        return False
-    logger.warning(
-        "the run looks frozen: after %d of %d steps the vectors moved %.3g%% of their initial norm "
-        "(under %g%%). Raise train.lr (now %g) or lower kde.weight (now %g); check "
-        "train.lr_warmup_steps (now %d) too.",
-        step, cfg.train.max_steps, 100 * moved, 100 * FROZEN_THRESHOLD, cfg.train.lr,
-        cfg.kde.weight, cfg.train.lr_warmup_steps,
-    )  # fmt: skip
-    return True
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -387,42 +143,8 @@ class TrainResult:
     samples_file: Path | None = None  # the last validation grid (PNG), when validation ran
 
 
-def resume_checkpoint(cfg: Config, out: Path) -> runs.Checkpoint | None:
-    """The checkpoint `train.resume` names, read and checked (None for a new run).
-
-    ``latest`` is the newest checkpoint of the run recorded in ``output_dir`` (``xti-run.json``),
-    never another run's; ``auto`` is the same, or None when that run has no checkpoint.
-    """
-    resume = cfg.train.resume
-    if not resume:
-        return None
-    if resume not in ("latest", "auto"):
-        return runs.read_checkpoint(Path(resume))
-    folder = out / runs.CHECKPOINTS
-    run_id = (runs.read_owner(out) or {}).get("run_id")
-    latest = runs.latest_checkpoint(folder, run_id) if isinstance(run_id, str) else None
-    if latest is not None:
-        return runs.read_checkpoint(latest)
-    if resume == "auto":
-        return None
-    if not isinstance(run_id, str):
-        raise XTIError(
-            f"train.resume=latest: {out} holds no xti run to resume (no {runs.OWNER_FILE}); start a "
-            "new run, or give a checkpoint folder"
-        )
-    raise XTIError(f"train.resume=latest: no complete checkpoint of run {run_id[:8]} in {folder}")
-
-
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def _check_resolution(cfg: Config, vae) -> None:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.train.resolution % factor:
-        raise XTIError(
-            f"train.resolution={cfg.train.resolution} must be a multiple of {factor} for this model's VAE"
-        )
 
 
 def train(
@@ -431,6 +153,7 @@ def train(
     bundle: ModelBundle | None = None,
     progress: bool = True,
     stop_at_step: int | None = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainResult:
     """Train one concept as configured and export it.
 
@@ -448,6 +171,8 @@ def train(
         progress: show a progress bar on the main process.
         stop_at_step: stop (after checkpointing, if due) once this step is reached, as if interrupted;
             the final export is skipped. For chunked runs and resume tests.
+        callbacks: `xti.callbacks.TrainCallback`\\ s told (on the main process) about each
+            checkpoint, validation grid and the end of the run.
 
     Returns:
         A `TrainResult`; the main process's `output_file` is the exported ``.xti.safetensors``.
@@ -456,7 +181,9 @@ def train(
         XTIError: bad input, detected before anything is written; or a diverged run (non-finite
             loss or vectors), stopped without exporting.
     """
-    with Trainer(cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step) as trainer:
+    with Trainer(
+        cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step, callbacks=callbacks
+    ) as trainer:
         trainer.setup()
         trainer.run_steps()
         return trainer.finish()
@@ -474,14 +201,84 @@ class StepOutcome:
     seconds: float
 
 
-class Trainer:
-    """One `train()` run, in small steps; all its state lives in its attributes.
+# ----------------------------------------------------------------------------- the Trainer's parts
 
-    `setup` checks the input and builds everything (config, models, data, concept, optimizer),
-    `run_steps` runs the optimizer steps, each followed by the `after_step` events (log, validate,
-    checkpoint and snapshot when due), and `finish` exports and runs the `after_run` events
-    (summary, model card, run record). Used as a context manager: on every way out (an error, a
-    stop signal, the end) `cleanup` puts back what the run changed on the caller's models (concept
+
+@dataclass
+class RunInputs:
+    """What the run reads before anything is written, each checked (`xti.checks`)."""
+
+    resume_from: runs.Checkpoint | None  # the checkpoint `train.resume` names
+    mix_file: EmbeddingFile | None  # `validation.mix_with`
+    records: list[Any]  # the training images (`xti.data.ImageRecord`)
+    bundle: ModelBundle  # the model, fp32 on the CPU
+    identity: dict[str, Any]  # the model's identity (`xti.runs.model_identity`), before any cast
+
+
+@dataclass
+class ConceptPlan:
+    """What the concept is on this model: its placeholder tokens and initial vectors per text
+    encoder, the layer scheme and which vector set each layer reads, and the KDEs."""
+
+    tokens: dict[str, PlaceholderTokens]
+    inits: dict[str, torch.Tensor]  # per encoder, the initializer's [n, d] vectors
+    granularity: str  # `xti.granularity`
+    block_scheme: str  # the layer scheme's granularity: block or transformer
+    scheme: LayerScheme
+    variant_of_layer: torch.Tensor  # [L] the vector set each layer reads
+    num_variants: int
+    pooled: str  # `xti.pooled`
+    kdes: dict[str, KDERegularizer]  # per encoder (values always logged; gradient when weight > 0)
+    clean_tokenizers: dict[str, Any]  # copies without the placeholder (validation pipelines)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.scheme.names
+
+
+@dataclass
+class RunIdentity:
+    """Which run this is: its id, its fingerprint, where it resumes from, its ownership record."""
+
+    run_id: str
+    fingerprint: dict[str, Any]
+    resume_from: runs.Checkpoint | None
+    owner: dict[str, Any] = field(default_factory=dict)  # ``xti-run.json`` (main process)
+
+
+@dataclass
+class RunData:
+    """The training data: latent distributions per distinct augmentation and the prompt table."""
+
+    cache: Any  # `xti.data.LatentCache`
+    latent_report: LatentReport
+    prompts: PromptTable
+
+
+@dataclass
+class Optimization:
+    """The trainable vectors and what moves them."""
+
+    raw: ConceptSet  # the vectors (what the text encoders read)
+    wrapped: nn.Module  # the same, as Accelerate prepared it (DDP-wrapped with several processes)
+    initial: dict[str, torch.Tensor]  # the vectors at the start (for `vectors/moved`)
+    optimizer: Any
+    lr_scheduler: Any
+
+
+# ----------------------------------------------------------------------------- the Trainer
+
+
+class Trainer:
+    """One `train()` run: a handful of named parts built by `setup`, then the steps.
+
+    `setup` reads and checks the inputs, plans the concept, starts Accelerate, establishes the run's
+    identity and claims the folder, prepares the data, the models and the optimizer, resumes and
+    starts the trackers. `run_steps` runs the optimizer steps, each followed by the `after_step`
+    events (log, validate, checkpoint and snapshot when due), and `finish` exports and runs the
+    `after_run` events (summary, model card, run record); the `callbacks` hear about checkpoints,
+    validation grids and the end. Used as a context manager: on every way out (an error, a stop
+    signal, the end) `cleanup` puts back what the run changed on the caller's models (concept
     embeddings, attention processors, gradient checkpointing), restores the signal handlers,
     releases the folder lock and forgets Accelerate's process-wide settings.
     """
@@ -493,15 +290,18 @@ class Trainer:
         bundle: ModelBundle | None = None,
         progress: bool = True,
         stop_at_step: int | None = None,
+        callbacks: Sequence[TrainCallback] = (),
     ) -> None:
         self.t0 = time.perf_counter()
-        self.process_age = _process_age()  # seconds from the process start to this call
-        self.cfg, self.tc, self.bundle = cfg, cfg.train, bundle
+        self.process_age = process_age()  # seconds from the process start to this call
+        self.cfg, self.tc, self.given_bundle = cfg, cfg.train, bundle
         self.progress, self.stop_at_step = progress, stop_at_step
         self.out = Path(cfg.output_dir).expanduser()
         self.name = cfg.concept_name
         self.cleanup = contextlib.ExitStack()
         self.hooks: list[Any] = []  # installed concept embeddings and processors
+        self.callbacks: list[TrainCallback] = [EventLog(self.out), *callbacks]
+        # progress, updated by the steps
         self.step = self.start_step = 0
         self.losses: list[tuple[int, float]] = []
         self.step_seconds: list[float] = []  # this process's steps: bar, summary, model card
@@ -509,8 +309,8 @@ class Trainer:
         self.saved_checkpoint: Path | None = None  # the newest checkpoint this run wrote
         self.saved_step: int | None = None  # the step of the newest checkpoint
         self.last_grid: Path | None = None  # the newest validation grid
-        self.owner: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
+        self.bar: Any = None  # the progress bar while the steps run
         self.after_step: list[Callable[[StepOutcome], None]] = [
             self.log_if_due,
             self.validate_if_due,
@@ -521,6 +321,7 @@ class Trainer:
             self.write_summary,
             self.write_model_card,
             self.record_end,
+            self.announce_end,
         ]
 
     def __enter__(self) -> Trainer:
@@ -532,130 +333,154 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Everything that can fail on bad input happens before the first write, and what needs no
-        model (output folder, resume checkpoint, validation files, images) before the model loads."""
-        self.check_inputs()
-        self.setup_concept()
-        self.setup_accelerator()
+        """Build the run's parts in order. Everything that can fail on bad input happens before the
+        first write, and what needs no model (output folder, resume checkpoint, validation files,
+        images) before the model loads."""
+        self.inputs = self.read_inputs()
+        self.bundle = self.inputs.bundle
+        self.family, self.parts = self.bundle.family, self.bundle.text_encoders
+        self.plan = self.plan_concept()
+        self.accelerator = self.start_accelerator()  # seeds torch: after the plan, as always
+        self.device = self.accelerator.device
+        self.dtype = _weight_dtype(self.accelerator.mixed_precision)
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.run = self.identify_run()
         self.claim_folder()
-        self.setup_data()
-        self.setup_models()
-        self.setup_optimizer()
+        self.data = self.prepare_data()
+        self.models = self.prepare_models()
+        self.opt = self.make_optimizer()
+        self.install_training_hooks()
+        self.cleanup.callback(self.remove_training_hooks)
         self.resume()
-        self.setup_tracking()
+        self.start_trackers()
+        self.smooth = Smoother()
+        self.mix_with = self.inputs.mix_file if self.is_main else None
+        self.global_batch = self.tc.batch_size * self.world
+        self.accum = self.tc.gradient_accumulation_steps
+        self.end_step = self.tc.max_steps
+        if self.stop_at_step is not None:
+            self.end_step = min(self.tc.max_steps, self.stop_at_step)
+        self.frozen_check_step = frozen_check_at(self.tc.max_steps, self.tc.lr_warmup_steps)
+        # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
+        self.stop = self.cleanup.enter_context(runs.StopSignals(defer_always=self.world > 1))
 
-    def check_inputs(self) -> None:
+    def read_inputs(self) -> RunInputs:
         """The resume checkpoint, the output folder, the mixing file, the images, the model."""
         cfg = self.cfg
-        self.resume_from = resume_checkpoint(cfg, self.out)
+        resume_from = resume_checkpoint(cfg, self.out)
         runs.check_output_folder(
             self.out,
-            resumed_run=self.resume_from.run_id if self.resume_from else None,
+            resumed_run=resume_from.run_id if resume_from else None,
             overwrite=self.tc.overwrite,
         )
-        self.mix_file = _load_mix_with(cfg)
-        self.records = load_images(cfg.data)
-        check_captions(self.records, cfg.concept.placeholder)
-        if self.bundle is None:
-            self.bundle = load_model(cfg.model)
-        _check_resolution(cfg, self.bundle.vae)
-        self.identity = runs.model_identity(self.bundle)  # before the models are cast
-        self.family = self.bundle.family
-        self.parts = self.bundle.text_encoders
+        mix_file = load_mix_with(cfg)
+        records = load_images(cfg.data)
+        check_captions(records, cfg.concept.placeholder)
+        bundle = self.given_bundle if self.given_bundle is not None else load_model(cfg.model)
+        check_resolution(cfg, bundle.vae)
+        identity = runs.model_identity(bundle)  # before the models are cast
+        return RunInputs(resume_from, mix_file, records, bundle, identity)
 
-    def setup_concept(self) -> None:
+    def plan_concept(self) -> ConceptPlan:
         """Placeholder tokens, initial vectors, layers and vector sets, KDEs; prompt checks."""
         cfg, parts = self.cfg, self.parts
         concept = cfg.concept
         # Validation pipelines need the tokenizers without our placeholder tokens; copy them only then.
-        self.clean_tokenizers = (
-            {p.name: copy.deepcopy(p.tokenizer) for p in parts} if cfg.validation.every > 0 else {}
-        )
-        self.tokens = {
+        clean = {p.name: copy.deepcopy(p.tokenizer) for p in parts} if cfg.validation.every else {}
+        tokens = {
             p.name: add_placeholder_tokens(p.tokenizer, concept.placeholder, concept.n_vectors)
             for p in parts
         }
-        self.embeddings = {p.name: p.text_encoder.get_input_embeddings() for p in parts}
-        self.inits = {
+        embeddings = {p.name: p.text_encoder.get_input_embeddings() for p in parts}
+        inits = {
             p.name: initializer_vectors(
-                p.tokenizer, self.embeddings[p.name], concept.initializer, concept.n_vectors
+                p.tokenizer, embeddings[p.name], concept.initializer, concept.n_vectors
             )
             for p in parts
         }
-        self.granularity = cfg.xti.granularity
-        self.block_scheme = "transformer" if self.granularity == "transformer" else "block"
-        self.scheme = layer_scheme(self.bundle.unet, self.block_scheme)
-        self.layer_names = self.scheme.names
-        self.variant_of_layer = layer_variants(len(self.scheme), self.granularity)
-        self.num_variants = 1 if self.granularity == "shared" else len(self.scheme)
-        self.pooled = cfg.xti.pooled
-        _check_prompts(cfg, self.records, parts, self.tokens)
+        granularity = cfg.xti.granularity
+        block_scheme = "transformer" if granularity == "transformer" else "block"
+        scheme = layer_scheme(self.bundle.unet, block_scheme)
+        check_prompts(cfg, self.inputs.records, parts, tokens)
         # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
-        self.kdes = build_kdes(cfg, parts, self.embeddings)
-        _check_mix_with(cfg, self.mix_file, self.scheme, self.family, self.embeddings)
+        kdes = build_kdes(cfg, parts, embeddings)
+        check_mix_with(cfg, self.inputs.mix_file, scheme, self.family, embeddings)
+        return ConceptPlan(
+            tokens=tokens,
+            inits=inits,
+            granularity=granularity,
+            block_scheme=block_scheme,
+            scheme=scheme,
+            variant_of_layer=layer_variants(len(scheme), granularity),
+            num_variants=1 if granularity == "shared" else len(scheme),
+            pooled=cfg.xti.pooled,
+            kdes=kdes,
+            clean_tokenizers=clean,
+        )
 
-    def setup_accelerator(self) -> None:
-        """The Accelerator (devices, processes, mixed precision), the seed, the run identity."""
+    def start_accelerator(self) -> Any:
+        """The Accelerator (devices, processes, mixed precision, trackers) and the seed."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         tc, out = self.tc, self.out
-        self.report_to = setup_tracking(self.cfg.tracking.report_to)
-        self.accelerator = Accelerator(
+        accelerator = Accelerator(
             mixed_precision=tc.mixed_precision,
-            log_with=self.report_to,
+            log_with=setup_tracking(self.cfg.tracking.report_to),
             project_config=ProjectConfiguration(
                 project_dir=str(out), logging_dir=str(out / "logs")
             ),
         )
         self.cleanup.callback(_release_accelerator_state)
         set_seed(tc.seed)
-        self.device = self.accelerator.device
-        self.dtype = _weight_dtype(self.accelerator.mixed_precision)
-        self.world = self.accelerator.num_processes
-        self.is_main = self.accelerator.is_main_process
-        # The run's identity; a resumed checkpoint must match it (or train.resume_force).
-        self.fingerprint = runs.run_fingerprint(self.cfg, self.identity, world=self.world)
-        self.run_id = runs.new_run_id()
-        resume_from = self.resume_from
+        return accelerator
+
+    def identify_run(self) -> RunIdentity:
+        """The run's identity; a resumed checkpoint must match it (or train.resume_force)."""
+        fingerprint = runs.run_fingerprint(self.cfg, self.inputs.identity, world=self.world)
+        run_id = runs.new_run_id()
+        resume_from = self.inputs.resume_from
         if resume_from is not None:
-            runs.compare_fingerprints(resume_from, self.fingerprint, force=tc.resume_force)
-            self.run_id = resume_from.run_id
-            later = runs.run_checkpoints(out / runs.CHECKPOINTS, self.run_id)
+            runs.compare_fingerprints(resume_from, fingerprint, force=self.tc.resume_force)
+            run_id = resume_from.run_id
+            later = runs.run_checkpoints(self.out / runs.CHECKPOINTS, run_id)
             if later and later[-1].step > resume_from.step:
                 # Resuming an earlier checkpoint forks the run: the newer ones are another future.
-                self.run_id = runs.new_run_id()
+                run_id = runs.new_run_id()
                 logger.warning(
                     "resuming %s, an earlier checkpoint than its run's newest (%s): this "
                     "continuation is a new run (%s)", resume_from.path, later[-1].path,
-                    self.run_id[:8],
+                    run_id[:8],
                 )  # fmt: skip
+        return RunIdentity(run_id, fingerprint, resume_from)
 
     def claim_folder(self) -> None:
         """The main process locks the output folder, cleans up killed writes, records the owner."""
         if not self.is_main:
             return
+        run = self.run
         self.out.mkdir(parents=True, exist_ok=True)
         lock = runs.OutputLock(self.out)
-        lock.acquire(runs.lock_info(self.run_id))
+        lock.acquire(runs.lock_info(run.run_id))
         self.cleanup.callback(lock.release)
         runs.remove_stale_tmp(self.out)
-        self.owner = {
-            "run_id": self.run_id,
-            "fingerprint": self.fingerprint,
+        run.owner = {
+            "run_id": run.run_id,
+            "fingerprint": run.fingerprint,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed_from": str(self.resume_from.path) if self.resume_from else None,
+            "resumed_from": str(run.resume_from.path) if run.resume_from else None,
             "status": "running",
         }
-        runs.write_owner(self.out, self.owner)
+        runs.write_owner(self.out, run.owner)
 
-    def setup_data(self) -> None:
+    def prepare_data(self) -> RunData:
         """Latent distributions once per distinct augmentation, in fp32 (from the disk cache when
         this VAE encoded these pixels before: the VAE is then neither moved nor called), and the
         tokenized prompts."""
-        cfg, tc = self.cfg, self.tc
+        cfg, tc, records = self.cfg, self.tc, self.inputs.records
         aug = augment(
-            self.records,
+            records,
             tc.resolution,
             center_crop=cfg.data.center_crop,
             random_crops=cfg.data.random_crops,
@@ -663,7 +488,7 @@ class Trainer:
             seed=tc.seed,
         )
         disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
-        self.cache, self.latent_report = cached_latents(
+        cache, report = cached_latents(
             self.bundle.vae,
             aug,
             cfg.data.encode_batch_size,
@@ -672,17 +497,18 @@ class Trainer:
             progress=self.progress and self.is_main,
         )
         if self.is_main:
-            logger.info("latents: %s", self.latent_report.describe())
-        self.prompts = PromptTable.build(
+            logger.info("latents: %s", report.describe())
+        prompts = PromptTable.build(
             {p.name: p.tokenizer for p in self.parts},
-            prompts_per_image(self.records, cfg.concept.placeholder, cfg.data.template),
-            self.tokens,
+            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
+            self.plan.tokens,
         )
+        return RunData(cache, report, prompts)
 
-    def setup_models(self) -> None:
-        """Freeze the models and move them to the device (and the mixed-precision dtype); build the
-        trainable vectors and install the training hooks (removed again on the way out)."""
-        unet = self.bundle.unet
+    def prepare_models(self) -> StepModels:
+        """Freeze the models and move them to the device (and the mixed-precision dtype), the KDEs
+        too; what one step needs of them."""
+        unet, plan = self.bundle.unet, self.plan
         for model in (unet, *(p.text_encoder for p in self.parts)):
             model.requires_grad_(False)
             model.eval()
@@ -692,109 +518,100 @@ class Trainer:
         if self.tc.gradient_checkpointing and not unet.is_gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             self.cleanup.callback(unet.disable_gradient_checkpointing)
-        self.raw_concept = ConceptSet(
+        plan.kdes = {name: reg.to(self.device) for name, reg in plan.kdes.items()}
+        return StepModels(
+            family=self.family,
+            parts=self.parts,
+            unet=unet,
+            scheduler=self.bundle.noise_scheduler,
+            tokens=plan.tokens,
+            variant_of_layer=plan.variant_of_layer.to(self.device),
+            num_variants=plan.num_variants,
+            prediction_type=self.bundle.prediction_type,
+            dtype=self.dtype,
+            pooled=plan.pooled,
+        )
+
+    def make_optimizer(self) -> Optimization:
+        """The trainable vectors, AdamW over them only, the learning-rate schedule, Accelerate's
+        wrapping."""
+        from diffusers.optimization import get_scheduler
+
+        tc, plan = self.tc, self.plan
+        raw = ConceptSet(
             {
                 p.name: ConceptVectors(
-                    self.inits[p.name],
-                    self.family.vector_sets(p.name, self.num_variants, self.pooled),
+                    plan.inits[p.name],
+                    self.family.vector_sets(p.name, plan.num_variants, plan.pooled),
                 )
                 for p in self.parts
             }
         )
-        self.concept: nn.Module = self.raw_concept  # the Accelerate/DDP-wrapped one after prepare
-        self.install_training_hooks()
-        self.cleanup.callback(self.remove_training_hooks)
-        self.kdes = {name: reg.to(self.device) for name, reg in self.kdes.items()}
-        self.initial_vectors = {k: v.detach().clone() for k, v in self.raw_concept().items()}
+        initial = {k: v.detach().clone() for k, v in raw().items()}
+        optimizer = torch.optim.AdamW(
+            raw.parameters(),
+            lr=runs.effective_lr(tc, self.world),
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_epsilon,
+            weight_decay=tc.weight_decay,
+        )
+        lr_scheduler = get_scheduler(
+            tc.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=tc.lr_warmup_steps,
+            num_training_steps=tc.max_steps,
+        )
+        wrapped, optimizer = self.accelerator.prepare(raw, optimizer)
+        raw = self.accelerator.unwrap_model(wrapped)
+        return Optimization(raw, wrapped, initial, optimizer, lr_scheduler)
 
     def install_training_hooks(self) -> None:
         """Each text encoder reads its raw parameter; the wrapped module's forward is called once
         per step so that DDP sees a forward pass. Both are the same leaf, so gradients accumulate
         once. The UNet gets the per-layer attention processors."""
         for p in self.parts:
-            first_id = self.tokens[p.name].first_id
+            first_id = self.plan.tokens[p.name].first_id
             vectors = functools.partial(self.concept_vectors, p.name)
             self.hooks.append(install_token_embedding(p.text_encoder, first_id, vectors))
-        self.hooks.append(install_processors(self.bundle.unet, self.scheme))
+        self.hooks.append(install_processors(self.bundle.unet, self.plan.scheme))
 
     def concept_vectors(self, encoder: str) -> torch.Tensor:
         """One encoder's raw ``[V, n, d]`` vector parameter (what its token embedding reads)."""
-        return self.raw_concept.sets[encoder].vectors
+        return self.opt.raw.sets[encoder].vectors
 
     def remove_training_hooks(self) -> None:
         """Put the original token embeddings and attention processors back (newest first)."""
         while self.hooks:
             self.hooks.pop().remove()
 
-    def setup_optimizer(self) -> None:
-        """AdamW over the vectors only, the learning-rate schedule, Accelerate's wrapping."""
-        from diffusers.optimization import get_scheduler
-
-        tc = self.tc
-        optimizer = torch.optim.AdamW(
-            self.raw_concept.parameters(),
-            lr=runs.effective_lr(tc, self.world),
-            betas=(tc.adam_beta1, tc.adam_beta2),
-            eps=tc.adam_epsilon,
-            weight_decay=tc.weight_decay,
-        )
-        self.lr_scheduler = get_scheduler(
-            tc.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=tc.lr_warmup_steps,
-            num_training_steps=tc.max_steps,
-        )
-        self.concept, self.optimizer = self.accelerator.prepare(self.raw_concept, optimizer)
-        self.raw_concept = self.accelerator.unwrap_model(self.concept)
-        self.models = StepModels(
-            family=self.family,
-            parts=self.parts,
-            unet=self.bundle.unet,
-            scheduler=self.bundle.noise_scheduler,
-            tokens=self.tokens,
-            variant_of_layer=self.variant_of_layer.to(self.device),
-            num_variants=self.num_variants,
-            prediction_type=self.bundle.prediction_type,
-            dtype=self.dtype,
-            pooled=self.pooled,
-        )
-
     def resume(self) -> None:
         """Load the resume checkpoint (every process reads it; only safetensors and JSON)."""
-        if self.resume_from is None:
+        resume_from = self.run.resume_from
+        if resume_from is None:
             return
         self.start_step = self.step = runs.load_checkpoint(
-            self.resume_from,
-            module=self.raw_concept,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
+            resume_from,
+            module=self.opt.raw,
+            optimizer=self.opt.optimizer,
+            lr_scheduler=self.opt.lr_scheduler,
             scaler=self.accelerator.scaler,
         )
         if self.is_main:
-            logger.info("resumed from %s at step %d", self.resume_from.path, self.start_step)
+            logger.info("resumed from %s at step %d", resume_from.path, self.start_step)
 
-    def setup_tracking(self) -> None:
-        """Experiment trackers, the step bookkeeping and the stop-signal handlers."""
-        cfg, tc = self.cfg, self.tc
-        if self.report_to:
-            run_name = cfg.tracking.run_name or self.name
-            self.accelerator.init_trackers(
-                cfg.tracking.project,
-                config=_flat_config(cfg),
-                init_kwargs={
-                    "wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(self.out)}
-                },
-            )
-        self.smooth = Smoother()
-        self.mix_with = self.mix_file if self.is_main else None
-        self.global_batch = tc.batch_size * self.world
-        self.accum = tc.gradient_accumulation_steps
-        self.end_step = (
-            tc.max_steps if self.stop_at_step is None else min(tc.max_steps, self.stop_at_step)
+    def start_trackers(self) -> None:
+        """The experiment trackers (when `tracking.report_to` names any)."""
+        cfg = self.cfg
+        if cfg.tracking.report_to == "none":
+            return
+        run_name = cfg.tracking.run_name or self.name
+        self.accelerator.init_trackers(
+            cfg.tracking.project,
+            config=flat_config(cfg),
+            init_kwargs={
+                "wandb": {"name": run_name, "tags": cfg.tracking.tags, "dir": str(self.out)}
+            },
         )
-        self.frozen_check_step = frozen_check_at(tc.max_steps, tc.lr_warmup_steps)
-        # SIGINT/SIGTERM stop at the next step boundary; several processes agree on that step.
-        self.stop = self.cleanup.enter_context(runs.StopSignals(defer_always=self.world > 1))
 
     # ------------------------------------------------------------------ steps
 
@@ -827,8 +644,8 @@ class Trainer:
     def micro_batch(self, micro_step: int) -> Batch:
         """This process's batch of one micro-step, on the device."""
         return sample_batch(
-            self.cache,
-            self.prompts,
+            self.data.cache,
+            self.data.prompts,
             num_train_timesteps=self.bundle.noise_scheduler.config.num_train_timesteps,
             global_batch=self.global_batch,
             rank=self.accelerator.process_index,
@@ -853,9 +670,9 @@ class Trainer:
         for micro in range(accum):
             batch = self.micro_batch(self.step * accum + micro)
             last = micro == accum - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(self.concept):
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.opt.wrapped):
                 with accelerator.autocast():
-                    self.concept()  # DDP's forward; the text encoders read the raw parameters
+                    self.opt.wrapped()  # DDP's forward; the text encoders read the raw parameters
                     loss, parts = compute_loss(self.models, batch, snr_gamma=self.tc.snr_gamma)
                 accelerator.backward(loss / accum)
             total_loss += loss.detach() / accum
@@ -864,17 +681,17 @@ class Trainer:
         accelerator.unscale_gradients()
         kde_stats = None
         if self.cfg.kde.weight > 0:
-            vectors = {n: self.raw_concept.sets[n].vectors for n in self.kdes}
-            kde_stats = add_relative_kde_gradient(vectors, self.kdes, self.cfg.kde.weight)
-        params = list(self.raw_concept.parameters())
+            vectors = {n: self.opt.raw.sets[n].vectors for n in self.plan.kdes}
+            kde_stats = add_relative_kde_gradient(vectors, self.plan.kdes, self.cfg.kde.weight)
+        params = list(self.opt.raw.parameters())
         if self.tc.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
         else:
             grad_norm = torch.cat([p.grad.detach().flatten() for p in params]).norm()
-        self.optimizer.step()
+        self.opt.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.opt.lr_scheduler.step()
+        self.opt.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
         seconds = time.perf_counter() - t_step  # .item() waited for the device
@@ -887,7 +704,7 @@ class Trainer:
         runs.check_finite_step(
             s.step,
             s.loss,
-            self.raw_concept(),
+            self.opt.raw(),
             last_finite=self.losses[-1] if self.losses else None,
             last_checkpoint=self.saved_checkpoint,
         )
@@ -896,36 +713,36 @@ class Trainer:
         if s.step == self.frozen_check_step and self.is_main:
             warn_if_frozen(self.cfg, self.moved(), s.step)
         self.bar.set_postfix(  # the median of the last steps: tqdm's own rate is a moving mean
-            {"loss": f"{s.loss:.4f}", "s/step": f"{_median(self.step_seconds[-20:]):.3g}"},
+            {"loss": f"{s.loss:.4f}", "s/step": f"{median(self.step_seconds[-20:]):.3g}"},
             refresh=False,
         )
         self.bar.update(1)
 
     def moved(self) -> float:
-        return relative_movement(self.raw_concept(), self.initial_vectors)
+        return relative_movement(self.opt.raw(), self.opt.initial)
 
     # ------------------------------------------------------------------ after-step events
 
     def log_if_due(self, s: StepOutcome) -> None:
-        """Every `train.log_every` steps and at the end step: the step's scalars (`_step_logs`)."""
+        """Every `train.log_every` steps and at the end step: the step's scalars (`step_logs`)."""
         if s.step % self.tc.log_every and s.step != self.end_step:
             return
-        logs = _step_logs(
+        logs = step_logs(
             s.loss,
             s.loss_parts,
-            self.lr_scheduler.get_last_lr()[0],
+            self.opt.lr_scheduler.get_last_lr()[0],
             s.grad_norm,
-            self.raw_concept(),
-            self.variant_of_layer,
-            self.layer_names,
-            kdes=self.kdes,
+            self.opt.raw(),
+            self.plan.variant_of_layer,
+            self.plan.layer_names,
+            kdes=self.plan.kdes,
             kde_stats=s.kde_stats,
             moved=self.moved(),
         )
         logs["loss_smoothed"] = self.smooth.update(s.loss)
         logs["step_time"] = s.seconds
         logs["samples_per_s"] = self.global_batch * self.accum / s.seconds
-        logs["peak_memory_gb"] = _peak_memory_gb(self.device)
+        logs["peak_memory_gb"] = peak_memory_gb(self.device)
         self.accelerator.log(logs, step=s.step)
 
     def validate_if_due(self, s: StepOutcome) -> None:
@@ -950,28 +767,31 @@ class Trainer:
     def file_vectors(self) -> dict[str, torch.Tensor]:
         """The embedding file's tensors of the current vectors (keys as the family writes them)."""
         return self.family.file_vectors(
-            self.raw_concept(), self.variant_of_layer, self.layer_names, self.num_variants
+            self.opt.raw(),
+            self.plan.variant_of_layer,
+            self.plan.layer_names,
+            self.plan.num_variants,
         )
 
     def export(self, path: Path) -> Path:
         """Write the current vectors as an ``.xti.safetensors`` file (never non-finite ones)."""
-        bad = runs.non_finite(self.raw_concept())
+        bad = runs.non_finite(self.opt.raw())
         if bad:  # never write (or replace a file with) a diverged embedding
             raise XTIError(f"{path}: not written, the {', '.join(bad)} vectors are not finite")
         c = self.cfg.concept
         meta = build_metadata(
-            layers=self.layer_names,
-            granularity=self.granularity,
+            layers=self.plan.layer_names,
+            granularity=self.plan.granularity,
             placeholder=c.placeholder,
             initializer=c.initializer,
             n_vectors=c.n_vectors,
             family=self.family.name,
             base_model=self.bundle.source,
-            text_dims={name: int(init.shape[-1]) for name, init in self.inits.items()},
+            text_dims={name: int(init.shape[-1]) for name, init in self.plan.inits.items()},
             kde_weight=self.cfg.kde.weight,
             steps=self.step,
             title=self.name,
-            extra=self.family.metadata_extra(self.pooled),
+            extra=self.family.metadata_extra(self.plan.pooled),
         )
         return save_embedding_file(path, self.file_vectors(), meta)
 
@@ -982,15 +802,16 @@ class Trainer:
             self.saved_checkpoint = runs.save_checkpoint(
                 folder,
                 step=step,
-                run_id=self.run_id,
-                fingerprint=self.fingerprint,
+                run_id=self.run.run_id,
+                fingerprint=self.run.fingerprint,
                 config=self.cfg.model_dump(mode="json"),
-                module=self.raw_concept,
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
+                module=self.opt.raw,
+                optimizer=self.opt.optimizer,
+                lr_scheduler=self.opt.lr_scheduler,
                 scaler=self.accelerator.scaler,
             )
-            runs.prune_checkpoints(folder, self.run_id, self.tc.checkpoints_total_limit)
+            runs.prune_checkpoints(folder, self.run.run_id, self.tc.checkpoints_total_limit)
+            dispatch(self.callbacks, CheckpointSaved(step, self.saved_checkpoint))
         self.saved_step = step
         self.accelerator.wait_for_everyone()
 
@@ -1020,7 +841,8 @@ class Trainer:
 
         bundle = self.bundle
         parts = [
-            EncoderPart(p.name, self.clean_tokenizers[p.name], p.text_encoder) for p in self.parts
+            EncoderPart(p.name, self.plan.clean_tokenizers[p.name], p.text_encoder)
+            for p in self.parts
         ]
         pipe = self.family.build_pipeline(
             vae=bundle.vae.to(self.device),
@@ -1040,7 +862,7 @@ class Trainer:
         )
         prompts = vc.prompts or [t.format(placeholder) for t in template]
         concept_file = EmbeddingFile(
-            layers=self.layer_names, vectors=self.file_vectors(), metadata={}
+            layers=self.plan.layer_names, vectors=self.file_vectors(), metadata={}
         )
         self.remove_training_hooks()
         vae_device = next(self.bundle.vae.parameters()).device
@@ -1059,7 +881,7 @@ class Trainer:
                     resolution=self.tc.resolution,
                     mix_with=self.mix_with,
                     mix_layers=vc.mix_layers,
-                    granularity=self.block_scheme,
+                    granularity=self.plan.block_scheme,
                 )
         finally:
             self.bundle.vae.to(vae_device)
@@ -1069,6 +891,7 @@ class Trainer:
         vg.grid.save(buf, format="PNG")
         atomic_write_bytes(path, buf.getvalue())
         self.last_grid = path
+        dispatch(self.callbacks, ValidationImagesSaved(step, path))
         log_images(self.accelerator, "validation", vg.grid, vg.caption, step)
         nearest = self.nearest_tokens(self.parts[:1])[self.parts[0].name]
         log_table(
@@ -1081,11 +904,11 @@ class Trainer:
     ) -> dict[str, dict[str, list[str]]]:
         """Per text encoder (default: all) and layer, each vector's nearest vocabulary token."""
         return {
-            p.name: _nearest_tokens(
-                self.kdes[p.name],
-                self.raw_concept.sets[p.name].vectors,
-                self.variant_of_layer,
-                self.layer_names,
+            p.name: nearest_vocabulary_tokens(
+                self.plan.kdes[p.name],
+                self.opt.raw.sets[p.name].vectors,
+                self.plan.variant_of_layer,
+                self.plan.layer_names,
                 p.tokenizer,
             )
             for p in (self.parts if parts is None else parts)
@@ -1097,7 +920,7 @@ class Trainer:
         """Check the ranks agree, export (when the run reached `train.max_steps`), run the
         `after_run` events on the main process, end the trackers."""
         accelerator = self.accelerator
-        current = self.raw_concept()
+        current = self.opt.raw()
         flat = torch.cat([v.detach().reshape(-1) for v in current.values()])
         gathered = accelerator.gather(flat.reshape(1, -1))
         in_sync = bool((gathered == gathered[0:1]).all())
@@ -1111,12 +934,12 @@ class Trainer:
             losses=self.losses,
             vectors=current[self.parts[0].name].detach().cpu().clone(),
             all_vectors={k: v.detach().cpu().clone() for k, v in current.items()},
-            layer_names=self.layer_names,
+            layer_names=self.plan.layer_names,
             world_size=self.world,
             ranks_in_sync=in_sync,
             seconds=time.perf_counter() - self.t0,
             trainable_shapes=[
-                tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
+                tuple(p.shape) for g in self.opt.optimizer.param_groups for p in g["params"]
             ],
             samples_file=self.last_grid,
         )
@@ -1131,7 +954,7 @@ class Trainer:
     def write_summary(self, result: TrainResult) -> None:
         """``summary.json``: the run's outcome, timing and nearest vocabulary tokens."""
         self.summary = {
-            "run_id": self.run_id,
+            "run_id": self.run.run_id,
             "output_file": str(result.output_file) if result.output_file else None,
             "samples_file": str(result.samples_file) if result.samples_file else None,
             "steps": result.steps,
@@ -1140,11 +963,11 @@ class Trainer:
             "ranks_in_sync": result.ranks_in_sync,
             "seconds": round(result.seconds, 2),
             **run_timing(
-                self.setup_seconds, self.latent_report, self.step_seconds, self.process_age
+                self.setup_seconds, self.data.latent_report, self.step_seconds, self.process_age
             ),
             "mixed_precision": self.accelerator.mixed_precision,
             "device": str(self.device),
-            "nearest_tokens": _per_encoder(self.nearest_tokens()),
+            "nearest_tokens": per_encoder(self.nearest_tokens()),
         }
         atomic_write_bytes(self.out / "summary.json", json.dumps(self.summary, indent=1).encode())
 
@@ -1159,7 +982,7 @@ class Trainer:
             config=self.cfg.model_dump(mode="json"),
             family=self.family.name,
             base_model=self.bundle.source,
-            layers=self.layer_names,
+            layers=self.plan.layer_names,
             steps=result.steps,
             final_loss=self.summary["final_loss"],
             grid=result.samples_file,
@@ -1168,149 +991,21 @@ class Trainer:
 
     def record_end(self, result: TrainResult) -> None:
         """The run record (``xti-run.json``): finished, or stopped before `train.max_steps`."""
-        self.owner.update(
+        self.run.owner.update(
             status="finished" if result.output_file else "stopped", steps=result.steps
         )
-        runs.write_owner(self.out, self.owner)
+        runs.write_owner(self.out, self.run.owner)
 
-
-def _per_encoder(values: dict[str, Any]) -> Any:
-    """``summary.json``'s shape of a per-encoder value: the value itself for a model with one text
-    encoder, ``{encoder: value}`` for several."""
-    return next(iter(values.values())) if len(values) == 1 else values
-
-
-TIMING_KEYS = (
-    "setup_seconds",
-    "launch_to_first_step_seconds",
-    "latent_seconds",
-    "latent_cache",
-    "latents_encoded",
-    "latents_total",
-    "median_step_seconds",
-    "steps_timed",
-    "mixed_precision",
-    "device",
-)
-"""The timing fields of ``summary.json`` (and the model card), see `run_timing`."""
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started (None where psutil cannot tell)."""
-    try:
-        import psutil  # a dependency of accelerate
-
-        return time.time() - psutil.Process().create_time()
-    except Exception:
-        return None
-
-
-def run_timing(
-    setup_seconds: float | None,
-    latents: LatentReport,
-    step_seconds: list[float],
-    process_age: float | None = None,
-) -> dict[str, Any]:
-    """The timing fields of ``summary.json``: ``setup_seconds`` (from `train()` to the first step
-    of this process), ``launch_to_first_step_seconds`` (from the process start, interpreter and
-    imports included), ``latent_seconds`` and ``latent_cache`` (hit, miss, partial or off) with
-    ``latents_encoded`` of ``latents_total`` going through the VAE, and ``median_step_seconds``
-    over the ``steps_timed`` optimizer steps this process ran (validation and checkpoints not
-    included). `process_age` is the process's age when `train()` was called. (The summary adds
-    ``mixed_precision`` and ``device``, which the times depend on.)"""
-    launch = None
-    if setup_seconds is not None and process_age is not None:
-        launch = round(process_age + setup_seconds, 2)
-    return {
-        "setup_seconds": round(setup_seconds, 2) if setup_seconds is not None else None,
-        "launch_to_first_step_seconds": launch,
-        "latent_seconds": round(latents.seconds, 2),
-        "latent_cache": latents.status,
-        "latents_encoded": latents.encoded,
-        "latents_total": latents.total,
-        "median_step_seconds": round(_median(step_seconds), 4) if step_seconds else None,
-        "steps_timed": len(step_seconds),
-    }
-
-
-def _load_mix_with(cfg: Config) -> EmbeddingFile | None:
-    """`validation.mix_with`, loaded before the model (one-line errors naming the file)."""
-    path = cfg.validation.mix_with
-    if not path:
-        return None
-    if not Path(path).is_file():
-        raise XTIError(f"validation.mix_with: {path} does not exist")
-    return load_embedding_file(path)
-
-
-def _check_mix_with(
-    cfg: Config,
-    mix: EmbeddingFile | None,
-    scheme: LayerScheme,
-    family: ModelFamily,
-    embeddings: Mapping[str, nn.Module],
-) -> None:
-    """Fail before training when the mixing file or `validation.mix_layers` cannot fit the model."""
-    if mix is None:
-        return
-    where = f"validation.mix_with: {cfg.validation.mix_with}"
-    other = mix.model_family
-    if other.specs != family.specs:  # SD 1.x and 2.x files share a layout (widths checked below)
-        raise XTIError(
-            f"{where} is an {other.label} file ({other.name}), but the model is {family.label}"
+    def announce_end(self, result: TrainResult) -> None:
+        """Tell the callbacks that the run ended (`xti.callbacks.RunFinished`)."""
+        summary = self.out / "summary.json"
+        event = RunFinished(
+            steps=result.steps,
+            output_file=result.output_file,
+            samples_file=result.samples_file,
+            summary_file=summary if summary.is_file() else None,
         )
-    if match_layers(mix.layers, scheme) is None:
-        raise XTIError(
-            f"{where}: its layers ({', '.join(mix.layers[:4])}, ...) do not fit this model's "
-            f"({', '.join(scheme.names[:4])}, ...)"
-        )
-    for enc, emb in embeddings.items():
-        width = int(emb.weight.shape[-1])
-        keys = [family.file_key(enc, layer) for layer in mix.layers]
-        found = {int(mix.vectors[k].shape[-1]) for k in keys if k in mix.vectors}
-        if found and found != {width}:
-            raise XTIError(
-                f"{where}: its vectors are {sorted(found)} wide, this model's {enc} text encoder "
-                f"takes {width}"
-            )
-    try:
-        scheme.select(cfg.validation.mix_layers)
-    except XTIError as err:
-        raise XTIError(f"validation.mix_layers: {err}") from None
-
-
-def _check_prompts(
-    cfg: Config,
-    records: list[Any],
-    parts: Sequence[EncoderPart],
-    tokens: Mapping[str, PlaceholderTokens],
-) -> None:
-    """Every training prompt (captions or templates) and validation prompt fits CLIP's tokens with
-    the placeholder expanded: an error when the placeholder would be cut, a warning otherwise."""
-    placeholder = cfg.concept.placeholder
-    per_image = prompts_per_image(records, placeholder, cfg.data.template)
-    items = []
-    for rec, prompts_ in zip(records, per_image, strict=True):
-        where = rec.source if rec.caption is not None else f"data.template={cfg.data.template}"
-        items += [(where, p) for p in prompts_]
-    if cfg.validation.every > 0:
-        items += [("validation.prompts", p) for p in cfg.validation.prompts]
-    unique = list(dict.fromkeys(items))
-    for part in parts:
-        check_prompt_lengths(part.tokenizer, tokens[part.name], unique)
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocated on GPUs, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        dispatch(self.callbacks, event)
 
 
 def _release_accelerator_state() -> None:
@@ -1321,85 +1016,3 @@ def _release_accelerator_state() -> None:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-
-
-def _flat_config(cfg: Config) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = (
-                node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
-            )
-
-    walk("", cfg.model_dump(mode="json"))
-    return flat
-
-
-def _step_logs(
-    loss: float,
-    parts: dict[str, Any],
-    lr: float,
-    grad_norm: torch.Tensor,
-    vectors: dict[str, torch.Tensor],
-    variant_of_layer: torch.Tensor,
-    layer_names: list[str],
-    *,
-    kdes: dict[str, KDERegularizer] | None = None,
-    kde_stats: dict[str, KDEStats] | None = None,
-    moved: float | None = None,
-) -> dict[str, float]:
-    """Scalars of one step: loss parts, lr, gradient norm (after the KDE and clipping), the KDE
-    figures (K, ``grad_norm/diffusion``, ``grad_norm/kde``, ``kde/effective_weight``, summed over
-    encoders; present when the KDE was applied this step), ``vectors/moved`` (``||V - V0|| /
-    ||V0||``), and per layer the mean vector norm and KDE value (``norm/<layer>``, ``kde/<layer>``;
-    ``norm/<encoder>/<layer>`` when there are two encoders)."""
-    logs: dict[str, float] = {
-        "loss": loss,
-        "mse": float(parts["mse"]),
-        "lr": float(lr),
-        "grad_norm": float(grad_norm),
-    }
-    if moved is not None:
-        logs["vectors/moved"] = moved
-    if kde_stats:
-        logs["grad_norm/diffusion"] = math.sqrt(
-            sum(x.grad_diffusion**2 for x in kde_stats.values())
-        )
-        logs["grad_norm/kde"] = math.sqrt(sum(x.grad_kde**2 for x in kde_stats.values()))
-        logs["kde/effective_weight"] = max(x.effective_weight for x in kde_stats.values())
-    kdes = kdes or {}
-    kde_total = 0.0
-    for enc, tensor in vectors.items():
-        prefix = f"{enc}/" if len(vectors) > 1 else ""
-        norms = tensor.detach().float().norm(dim=-1).mean(-1)  # [V]
-        kde_v = None
-        if enc in kdes:
-            with torch.no_grad():
-                kde_v = kdes[enc](tensor.detach())  # [V, n]
-            kde_total += float(kde_v.mean())
-        for i, name in enumerate(layer_names):
-            v = int(variant_of_layer[i])
-            logs[f"norm/{prefix}{name}"] = float(norms[v])
-            if kde_v is not None:
-                logs[f"kde/{prefix}{name}"] = float(kde_v[v].mean())
-    if kdes:
-        logs["kde"] = kde_total
-    return logs
-
-
-def _nearest_tokens(
-    kde, vectors: torch.Tensor, variant_of_layer: torch.Tensor, layer_names: list[str], tokenizer
-) -> dict[str, list[str]]:
-    if kde is None:
-        return {}
-    with torch.no_grad():
-        _, idx = kde.nearest(vectors.detach().float().reshape(-1, vectors.shape[-1]), k=1)
-    idx = idx.reshape(vectors.shape[0], vectors.shape[1], -1)[..., 0]
-    out = {}
-    for i, name in enumerate(layer_names):
-        out[name] = tokenizer.convert_ids_to_tokens(idx[int(variant_of_layer[i])].tolist())
-    return out

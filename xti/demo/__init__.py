@@ -1,10 +1,9 @@
-"""Demo-only helpers, kept apart from the library proper.
+"""The demo's data, kept apart from the library proper.
 
-* `xti.demo.builders`: models built from configs (``builtin:tiny-sd1``, ``builtin:tiny-sdxl``, the
-  shipped demo model) and the reference SD1.5/SDXL shapes the benches use;
-* `xti.demo.procedural`: the procedural shape/colour images the demo concepts are trained on;
-* `xti.demo.quality`: the measurable quality checks of the demo (reconstruction, editability,
-  layer mixing) that the benches and tests read.
+* `xti.demo.procedural`: the procedural shape/colour images the demo concepts are trained on, and
+  `measure`, which reads shape, colour and size back from an image.
 
-Nothing in the library needs these modules except ``builtin:`` model names, which resolve here.
+It builds on nothing in xti. The demo harness that trains and scores demo concepts is `xti.quality`
+(used by the benches and tests); ``builtin:`` models are the library's (`xti.builtin`). Only that
+harness, the web UI and the CLI import this package.
 """

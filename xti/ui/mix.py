@@ -8,14 +8,13 @@ calls it (one ``torch.Generator(device).manual_seed(seed)`` per seed, ``count`` 
 and each seed's picture is `xti.pipelines.image_grid` of its images, the file ``xti generate
 --grid`` writes, so the page shows exactly what the command in `generate_commands` makes.
 
-A saved mix (`save_mix`) is one xti file whose every layer holds the vectors of the concept
-assigned to it; layers left to the prompt hold the vectors of the first loaded concept that the
-prompt names (what those layers see when generating).
+A saved mix (`save_mix`, the library's `xti.mixing.save_mix`, as ``xti mix``) is one xti file whose
+every layer holds the vectors of the concept assigned to it; layers left to the prompt hold the
+vectors of the first loaded concept that the prompt names (what those layers see when generating).
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 from xti.errors import XTIError
 from xti.layers import LayerScheme
-from xti.sweep import selection_text
 
 PROMPT = "(prompt)"
 """The board's value for a layer that keeps the prompt's text."""
@@ -89,20 +87,18 @@ def mix_of(
 ) -> dict[str, str]:
     """The adapter's ``mix`` for a board: ``{placeholder: selection}`` in loading order, for the
     concepts that own at least one layer."""
+    from xti.mixing import mix_selections
+
     unknown = sorted({v for v in board.values() if v != PROMPT and v not in concepts})
     if unknown:
         raise XTIError(f"the board names {', '.join(unknown)}, which is not loaded")
-    mix = {}
-    for concept in concepts:
-        chosen = [i for i, name in enumerate(scheme.names) if board.get(name) == concept]
-        if chosen:
-            mix[concept] = selection_text(chosen, scheme)
-    return mix
+    owners = [board.get(name) if board.get(name) != PROMPT else None for name in scheme.names]
+    return mix_selections(scheme, owners, concepts)
 
 
 def parse_layer_prompts(text: str) -> dict[str, str]:
     """Per-layer prompts, one ``LAYERS=PROMPT`` per line (``mid=a green lizard``)."""
-    from xti.cli import parse_assignments
+    from xti.parsing import parse_assignments
 
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     return parse_assignments(lines, "per-layer prompts", split_last=False)
@@ -110,7 +106,7 @@ def parse_layer_prompts(text: str) -> dict[str, str]:
 
 def parse_size(text: str) -> tuple[int | None, int | None]:
     """``512`` or ``512x768`` (empty: the model's size), as ``xti generate --size``."""
-    from xti.cli import parse_size
+    from xti.parsing import parse_size
 
     return parse_size(str(text).strip() or None)
 
@@ -202,49 +198,6 @@ def generate_commands(
     return "\n".join(lines)
 
 
-def _base_concept(adapter: Any, prompt: str | None) -> str | None:
-    """The first loaded concept (loading order) whose placeholder the prompt contains."""
-    return next((p for p in adapter.concepts if prompt and p in prompt), None)
-
-
-def mixed_vectors(
-    adapter: Any, board: Mapping[str, str], prompt: str | None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The saved mix's tensors ``{file key: [n, d]}`` and facts for its metadata: each layer the
-    vectors of its concept (layers left to the prompt: the prompt's first concept)."""
-    concepts = adapter.concepts
-    base = _base_concept(adapter, prompt)
-    owners = []
-    for name in adapter.layer_names:
-        owner = board.get(name, PROMPT)
-        if owner == PROMPT:
-            if base is None:
-                raise XTIError(
-                    f"layer {name} keeps the prompt, which names no loaded concept: assign it, or "
-                    "put a placeholder in the prompt"
-                )
-            owner = base
-        if owner not in concepts:
-            raise XTIError(f"the board names {owner}, which is not loaded")
-        owners.append(owner)
-    widths = {concepts[o].n_vectors for o in owners}
-    if len(widths) > 1:
-        raise XTIError("the mixed concepts have different numbers of vectors per layer")
-    family = adapter.family
-    tensors = {}
-    for encoder in family.encoder_names:
-        for i, (name, owner) in enumerate(zip(adapter.layer_names, owners, strict=True)):
-            tensors[family.file_key(encoder, name)] = concepts[owner].encoder_vectors[encoder][i]
-    pool_owner = base or owners[0]
-    pool = concepts[pool_owner].pool
-    if pool is not None and family.pool_key is not None:
-        tensors[family.pool_key] = pool
-    dims = {
-        enc: int(concepts[owners[0]].encoder_vectors[enc].shape[-1]) for enc in family.encoder_names
-    }
-    return tensors, {"n_vectors": widths.pop(), "text_dims": dims, "pooled": pool is not None}
-
-
 def save_mix(
     adapter: Any,
     board: Mapping[str, str],
@@ -254,26 +207,13 @@ def save_mix(
     placeholder: str,
     model: str,
 ) -> Path:
-    """Write the board's mix as one xti file with the new `placeholder` (see module docstring)."""
-    from xti.export import build_metadata, save_embedding_file
+    """Write the board's mix as one xti file with the new `placeholder` (`xti.mixing.save_mix`:
+    layers left to the prompt hold the prompt's first concept)."""
+    from xti.mixing import base_concept
+    from xti.mixing import save_mix as save
 
-    if not placeholder.strip() or any(c.isspace() for c in placeholder.strip()):
-        raise XTIError("mix name: one word without spaces, e.g. <my-mix>")
-    tensors, facts = mixed_vectors(adapter, board, prompt)
-    mix = mix_of(adapter.scheme, board, list(adapter.concepts))
-    pooled = "slot" if facts["pooled"] else "mean"
-    extra = {"xti.mix": json.dumps(mix), **(adapter.family.metadata_extra(pooled) or {})}
-    meta = build_metadata(
-        layers=adapter.layer_names,
-        granularity=adapter.scheme.granularity,
-        placeholder=placeholder.strip(),
-        initializer=", ".join(f"{c} in {sel}" for c, sel in mix.items()) or "mix",
-        n_vectors=facts["n_vectors"],
-        family=adapter.family.name,
-        base_model=model,
-        text_dims=facts["text_dims"],
-        steps=0,
-        kde_weight=0.0,
-        extra=extra,
-    )
-    return save_embedding_file(path, tensors, meta)
+    concepts = list(adapter.concepts)
+    mix_of(adapter.scheme, board, concepts)  # one line when the board names a concept not loaded
+    owners = [None if board.get(n, PROMPT) == PROMPT else board[n] for n in adapter.layer_names]
+    base = base_concept(concepts, prompt)
+    return save(adapter, owners, base, path, placeholder=placeholder, model=model)

@@ -89,7 +89,7 @@ def embedding_entries(text: str | None, what: str) -> list[tuple[str | None, str
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     if not lines:
         raise XTIError(f"{what}: give at least one file, one per line")
-    from xti.cli import embedding_args
+    from xti.parsing import embedding_args
 
     return [(token, str(existing_file(path, what))) for token, path in embedding_args(lines)]
 
@@ -101,14 +101,11 @@ def entry_text(entry: tuple[str | None, str]) -> str:
 
 
 def model_path(text: str | None) -> str:
-    """A model as typed: ``builtin:…``, an existing folder or single file, or a hub id."""
-    from xti.models import looks_like_hub_id
+    """A model as typed: ``builtin:…``, an existing folder or single file, or a hub id (checked by
+    the library's resolver, `xti.models.resolve_model_path`, without building anything)."""
+    from xti.models import resolve_model_path
 
     value = str(text or "").strip()
     if not value:
         raise XTIError("model: give a diffusers folder, a single .safetensors file or builtin:…")
-    if value.startswith("builtin:") or Path(value).expanduser().exists():
-        return value
-    if looks_like_hub_id(value):
-        return value
-    raise XTIError(f"model: {value} does not exist (give a folder, a file, builtin:… or a hub id)")
+    return resolve_model_path(value, build=False, what="model:").shown

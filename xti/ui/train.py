@@ -6,12 +6,13 @@ exactly that (as ``python -m xti train``) in a subprocess: the page stays respon
 in training cannot take the server down. Stop sends SIGINT, the same clean stop as Ctrl-C (the
 step finishes, a checkpoint and ``<name>.interrupted.xti.safetensors`` are saved). Progress comes
 from the files the run writes: ``logs/metrics.jsonl`` (``tracking.report_to=jsonl``, one line per
-step) and ``validation/<name>-stepNNNNNN.png``.
+step) and the run's events (``logs/events.jsonl``, `xti.callbacks`: each validation grid saved).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -22,12 +23,14 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from xti.callbacks import ValidationImagesSaved, read_events
 from xti.config import placeholder_stem
 from xti.errors import XTIError
 from xti.ui.paths import REPO_ROOT, existing_dir, existing_file, model_path, shown
@@ -61,25 +64,14 @@ class TrainForm:
 
 
 def form_from_config(path: str) -> dict[str, Any]:
-    """The form's values as a config file sets them (`TrainForm` field names)."""
+    """The form's values as a config file sets them (`TrainForm` field names, `CONFIG_FIELDS`)."""
     from xti.config import load_config
 
     cfg = load_config(str(existing_file(path, "base config")), [])
     return {
-        "model": _locate(cfg.model.path),
-        "images": _locate(cfg.data.dir or ""),
-        "placeholder": cfg.concept.placeholder,
-        "initializer": cfg.concept.initializer,
-        "granularity": cfg.xti.granularity,
-        "steps": cfg.train.max_steps,
-        "lr": cfg.train.lr,
-        "batch": cfg.train.batch_size,
-        "kde_weight": cfg.kde.weight,
-        "prompts": "\n".join(cfg.validation.prompts),
-        "validate_every": cfg.validation.every,
-        "seeds": " ".join(str(s) for s in cfg.validation.seeds),
-        "checkpoint_every": cfg.train.checkpoint_every,
-        "single_file_config": cfg.model.single_file_config or "",
+        f.name: f.from_config(functools.reduce(getattr, f.key.split("."), cfg))
+        for f in FORM
+        if f.from_config is not None and f.key is not None
     }
 
 
@@ -134,34 +126,78 @@ def parse_seeds(text: str, what: str = "seeds") -> list[int]:
     return seeds
 
 
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in str(text or "").splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One Train-tab field and the config key it stands for: `FORM` is the one form↔config
+    mapping (the overrides, the fields a base config fills, the handlers' field order)."""
+
+    name: str  # the `TrainForm` attribute
+    key: str | None  # the config key it sets (None: the base config file itself)
+    to_config: Callable[[Any], Any] | None = None  # field -> override value (None: no override)
+    from_config: Callable[[Any], Any] | None = None  # config value -> field (None: not filled)
+
+
+def _text(value: Any) -> str:
+    return str(value or "").strip()
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+FORM: tuple[FormField, ...] = (
+    FormField("config", None),
+    FormField("model", "model.path", _text, _locate),
+    FormField("images", "data.dir", _text, lambda v: _locate(v or "")),
+    FormField("placeholder", "concept.placeholder", _text, _same),
+    FormField("initializer", "concept.initializer", _text, _same),
+    FormField("granularity", "xti.granularity", _same, _same),
+    FormField("steps", "train.max_steps", lambda v: _int(v, "steps", 1), _same),
+    FormField("lr", "train.lr", lambda v: _float(v, "lr"), _same),
+    FormField("batch", "train.batch_size", lambda v: _int(v, "batch", 1), _same),
+    FormField("kde_weight", "kde.weight", lambda v: _float(v, "KDE weight"), _same),
+    FormField("prompts", "validation.prompts", _lines, "\n".join),
+    FormField("validate_every", "validation.every", lambda v: _int(v, "validate every", 0), _same),
+    FormField(
+        "seeds",
+        "validation.seeds",
+        lambda v: parse_seeds(v, "validation seeds"),
+        lambda seeds: " ".join(str(s) for s in seeds),
+    ),
+    FormField(
+        "checkpoint_every",
+        "train.checkpoint_every",
+        lambda v: _int(v, "checkpoint every", 0),
+        _same,
+    ),
+    FormField("output_dir", "output_dir", _text),
+    FormField("single_file_config", "model.single_file_config", lambda v: _text(v) or None, _text),
+    FormField("resume", "train.resume", lambda v: "latest" if v else None),
+    FormField("overwrite", "train.overwrite", lambda v: True if v else None),
+)
+"""The Train tab's fields in the order the handlers receive them, each with its config key."""
+
+FORM_FIELDS = [f.name for f in FORM]
+"""`TrainForm`'s fields in the order the handlers receive them."""
+
+CONFIG_FIELDS = [f.name for f in FORM if f.from_config is not None]
+"""The fields a base config fills in (`form_from_config`)."""
+
+
 def overrides(form: TrainForm) -> list[str]:
-    """The form as ``key=value`` overrides of the base config (metrics always go to jsonl, which
-    the live loss curve reads)."""
-    prompts = [line.strip() for line in form.prompts.splitlines() if line.strip()]
-    items: list[tuple[str, Any]] = [
-        ("output_dir", form.output_dir.strip()),
-        ("name", placeholder_stem(form.placeholder)),
-        ("model.path", form.model.strip()),
-        ("data.dir", form.images.strip()),
-        ("concept.placeholder", form.placeholder.strip()),
-        ("concept.initializer", form.initializer.strip()),
-        ("xti.granularity", form.granularity),
-        ("train.max_steps", _int(form.steps, "steps", 1)),
-        ("train.lr", _float(form.lr, "lr")),
-        ("train.batch_size", _int(form.batch, "batch", 1)),
-        ("kde.weight", _float(form.kde_weight, "KDE weight")),
-        ("validation.prompts", prompts),
-        ("validation.every", _int(form.validate_every, "validate every", 0)),
-        ("validation.seeds", parse_seeds(form.seeds, "validation seeds")),
-        ("train.checkpoint_every", _int(form.checkpoint_every, "checkpoint every", 0)),
-        ("tracking.report_to", "jsonl"),
-    ]
-    if form.single_file_config.strip():
-        items.append(("model.single_file_config", form.single_file_config.strip()))
-    if form.resume:
-        items.append(("train.resume", "latest"))
-    if form.overwrite:
-        items.append(("train.overwrite", True))
+    """The form as ``key=value`` overrides of the base config (the run's name from the
+    placeholder; metrics always go to jsonl, which the live loss curve reads)."""
+    items: list[tuple[str, Any]] = [("name", placeholder_stem(form.placeholder))]
+    for f in FORM:
+        if f.key is not None and f.to_config is not None:
+            value = f.to_config(getattr(form, f.name))
+            if value is not None:
+                items.append((f.key, value))
+    items.append(("tracking.report_to", "jsonl"))
     return [f"{key}={_value(value)}" for key, value in items]
 
 
@@ -244,6 +280,7 @@ class TrainJob:
         self.max_steps = 0
         self.started = 0.0
         self.stop_requested = False
+        self.earlier_events = 0  # events of earlier runs in the same output folder
 
     @property
     def running(self) -> bool:
@@ -263,6 +300,7 @@ class TrainJob:
         self.output_dir = Path(cfg.output_dir).expanduser()
         self.name, self.max_steps = cfg.concept_name, cfg.train.max_steps
         self.started, self.stop_requested = time.time(), False
+        self.earlier_events = len(read_events(self.output_dir))
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -330,11 +368,11 @@ class TrainJob:
         return snap
 
     def _newest_grid(self) -> Path | None:
-        """The newest validation grid this run wrote (None before the first)."""
+        """The newest validation grid this run wrote (None before the first), from its events."""
         assert self.output_dir is not None
-        found = sorted((self.output_dir / "validation").glob(f"{self.name}-step*.png"))
-        fresh = [p for p in found if p.stat().st_mtime >= self.started - 1]
-        return fresh[-1] if fresh else None
+        events = read_events(self.output_dir)[self.earlier_events :]
+        grids = [e.path for e in events if isinstance(e, ValidationImagesSaved)]
+        return grids[-1] if grids else None
 
     def _state(self, step: int) -> tuple[str, bool]:
         """One line for the run's state, and whether it failed."""

@@ -13,35 +13,17 @@ from typing import Any, NamedTuple
 
 from xti.ui.common import error, guarded, ok
 from xti.ui.paths import REPO_ROOT, Defaults, shown
-from xti.ui.train import GRANULARITIES, Progress, TrainForm, TrainJob, check_images, command_line
+from xti.ui.train import (
+    CONFIG_FIELDS,
+    FORM_FIELDS,
+    GRANULARITIES,
+    Progress,
+    TrainForm,
+    TrainJob,
+    check_images,
+    command_line,
+)
 from xti.ui.train import form_from_config as _from_config
-
-FORM_FIELDS = [
-    "config",
-    "model",
-    "images",
-    "placeholder",
-    "initializer",
-    "granularity",
-    "steps",
-    "lr",
-    "batch",
-    "kde_weight",
-    "prompts",
-    "validate_every",
-    "seeds",
-    "checkpoint_every",
-    "output_dir",
-    "single_file_config",
-    "resume",
-    "overwrite",
-]
-"""`TrainForm`'s fields in the order the handlers receive them."""
-
-CONFIG_FIELDS = [
-    name for name in FORM_FIELDS if name not in ("config", "output_dir", "resume", "overwrite")
-]
-"""The fields a base config fills in (`xti.ui.train.form_from_config`)."""
 
 
 def _configs() -> list[str]:

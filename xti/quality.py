@@ -1,4 +1,6 @@
-"""How good a learned concept is, measured on the demo model with the generator's own labels.
+"""The demo harness: how good a learned concept is, measured on the demo model with the generator's
+own labels. It stands above the library (it trains and generates) and reads the demo's images
+(`xti.demo.procedural`).
 
 This module owns the three probes of `bench/quality.py` and their scores:
 

@@ -1,4 +1,5 @@
-"""Model builders from configs: reference SD configs, random-weight models and the tiny test model.
+"""Built-in models (``builtin:`` names) and model builders from configs: reference SD configs,
+random-weight models and the tiny test models.
 
 This module owns everything that makes a Stable Diffusion model without downloading one:
 
@@ -552,6 +553,15 @@ BUILTIN_FORMAT = 1
 """Bumped when the tiny model changes, so stale cached folders are not reused."""
 
 
+def check_builtin_name(path: str) -> str:
+    """The name of a ``builtin:<name>`` path, or a one-line `XTIError` listing the known ones."""
+    name = path[len(BUILTIN_PREFIX) :].strip()
+    if name not in BUILTINS:
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
+        raise XTIError(f"unknown builtin model '{path}': known builtin models are {known}")
+    return name
+
+
 def resolve_builtin(path: str) -> Path | None:
     """Return the cached folder of a ``builtin:<name>`` model, building it on first use.
 
@@ -567,10 +577,7 @@ def resolve_builtin(path: str) -> Path | None:
     """
     if not path.startswith(BUILTIN_PREFIX):
         return None
-    name = path[len(BUILTIN_PREFIX) :].strip()
-    if name not in BUILTINS:
-        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
-        raise XTIError(f"unknown builtin model '{path}': known builtin models are {known}")
+    name = check_builtin_name(path)
     # Weight files are written in the installed transformers' layout (v5 drops the "text_model."
     # prefix), so each major version gets its own cached copy.
     import transformers
