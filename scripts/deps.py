@@ -15,7 +15,7 @@ pass to pip as constraints (``-c``). Constraints pin what gets installed without
 to be installed, so a CUDA machine whose ``torch`` wheel pulls NVIDIA packages the lock does not
 list still installs.
 
-``latest`` prints which packages would differ from the lock (lock → newest), which are new or gone,
+``latest`` works on a clone of the committed tree (HEAD). It prints which packages would differ from the lock (lock → newest), which are new or gone,
 then runs the test suite in that environment and prints the tests that fail there. Run it before a
 release and before you stop: a package that moved and breaks a test shows here, not in a user's
 first ``pytest``. Exit status: 0 when every test passed, 1 when some failed, 2 when the environment
@@ -79,20 +79,21 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=REPO, **kw)
+    return subprocess.run(cmd, cwd=cwd, **kw)
 
 
-def build_env(where: Path, constraints: Path | None) -> dict[str, str]:
-    """A fresh venv installed as README's first command does; returns ``pip freeze`` as pins."""
-    torch_pin, extras = install_plan(readme_install_line())
+def build_env(where: Path, constraints: Path | None, src: Path = REPO) -> dict[str, str]:
+    """A fresh venv with `src` installed as README's first command does; returns ``pip freeze``
+    as pins."""
+    torch_pin, extras = install_plan(readme_install_line(src / "README.md"))
     run([sys.executable, "-m", "venv", str(where)], check=True)
     py = str(where / "bin" / "python")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     run([*pip, torch_pin], check=True)
     with_lock = ["-c", str(constraints)] if constraints else []
-    if run([*pip, *with_lock, "-e", f".[{extras}]"]).returncode != 0:
+    if run([*pip, *with_lock, "-e", f".[{extras}]"], cwd=src).returncode != 0:
         hint = " (try `lock --upgrade`: a range may exclude a locked pin)" if constraints else ""
         raise SystemExit(f"pip could not install .[{extras}]{hint}")
     frozen = run([py, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
@@ -136,17 +137,22 @@ def diff(locked: dict[str, str], newest: dict[str, str]) -> list[str]:
 
 
 def latest(env_dir: Path, pytest_args: list[str]) -> int:
-    newest = build_env(env_dir, None)
-    locked = parse_lock(LOCK.read_text()) if LOCK.is_file() else {}
+    """The committed tree (a clone of HEAD, so edits in progress cannot change the result) with
+    the newest allowed versions: the diff against its lock, then its test suite."""
+    src = env_dir.parent / "src"
+    run(["git", "clone", "-q", str(REPO), str(src)], check=True)
+    newest = build_env(env_dir, None, src)
+    lock = src / LOCK.name
+    locked = parse_lock(lock.read_text()) if lock.is_file() else {}
     changes = diff(locked, newest)
     print(f"\nnewest allowed versions vs {LOCK.name}: {len(changes)} difference(s)")
     print("\n".join(changes) if changes else "  (none: the lock is the newest allowed set)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env.update(WANDB_MODE="offline", VIRTUAL_ENV=str(env_dir))
+    env.update(WANDB_MODE="offline", VIRTUAL_ENV=str(env_dir), XTI_CACHE=str(src / ".cache"))
     env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"
     args = pytest_args or ["-q", "-p", "no:cacheprovider"]
     t = time.perf_counter()
-    proc = run([str(env_dir / "bin" / "python"), "-m", "pytest", *args], env=env,
+    proc = run([str(env_dir / "bin" / "python"), "-m", "pytest", *args], cwd=src, env=env,
                capture_output=True, text=True)  # fmt: skip
     out = proc.stdout + proc.stderr
     failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)))
@@ -165,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("command", choices=["lock", "latest"])
     ap.add_argument("--upgrade", action="store_true", help="lock: ignore the current pins")
-    ap.add_argument("--keep", metavar="DIR", help="build the environment in DIR and keep it")
+    ap.add_argument("--keep", metavar="DIR", help="build in DIR (venv/, src/) and keep it")
     ap.add_argument("pytest_args", nargs="*", help="latest: pytest arguments (after --)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="xti-deps-") as tmp:
-        env_dir = Path(args.keep).resolve() if args.keep else Path(tmp) / "venv"
+        env_dir = (Path(args.keep).resolve() if args.keep else Path(tmp)) / "venv"
         if args.command == "latest":
             return latest(env_dir, args.pytest_args)
         use = None if args.upgrade or not LOCK.is_file() else LOCK
