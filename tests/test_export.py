@@ -101,9 +101,12 @@ def test_sd1_round_trip(tmp_path: Path) -> None:
         assert torch.equal(got, t)
 
     # The file itself holds contiguous float32 tensors and the metadata.
+    # Plus the layer mean under "clip_l", the key ComfyUI's plain-embedding loader reads.
     raw = load_file(out)
-    assert set(raw) == set(SD1_LAYER_NAMES)
+    assert set(raw) == set(SD1_LAYER_NAMES) | {"clip_l"}
     assert all(t.dtype == torch.float32 for t in raw.values())
+    mean = torch.stack([vectors[n] for n in SD1_LAYER_NAMES]).mean(dim=0)
+    assert torch.equal(raw["clip_l"], mean) and not torch.equal(raw["clip_l"], vectors["IN01"])
     with safe_open(str(out), framework="pt") as fh:
         assert fh.metadata() == meta
 

@@ -13,10 +13,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from xti.errors import XTIError
+from xti.mixing import parse_assignments
 from xti.paths import check_file_name, check_output_dir
 
 
@@ -112,18 +113,6 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     if width > 8192 or height > 8192:
         raise XTIError(f"--size: {text!r} is too large (at most 8192 per side)")
     return width, height
-
-
-def parse_assignments(items: Iterable[str], what: str, *, split_last: bool) -> dict[str, str]:
-    """Parse ``KEY=VALUE`` command-line items in order (``--mix "<a>=coarse"``,
-    ``--layer-prompt "mid=a green lizard"``); ``split_last`` splits at the last ``=``."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.rpartition("=") if split_last else item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise XTIError(f"{what}: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
