@@ -260,7 +260,11 @@ def load_diffusers_folder(path: str | Path) -> LoadedModel:
                 comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel
             )
             target.params = {"textmodel_json_config": cfg}
-        clip = comfy.sd.CLIP(target)
+        import folder_paths  # ComfyUI's: its embeddings folders serve `embedding:NAME`
+
+        clip = comfy.sd.CLIP(
+            target, embedding_directory=folder_paths.get_folder_paths("embeddings")
+        )
     if sdxl:
         clip.cond_stage_model.clip_l.load_sd(_clip_state(_weights(folder, "text_encoder")))
         clip.cond_stage_model.clip_g.load_sd(_clip_state(_weights(folder, "text_encoder_2")))
