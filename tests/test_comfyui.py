@@ -306,3 +306,34 @@ def test_comfyuis_own_embedding_loading_reads_the_native_file_as_the_layer_mean(
     res = run["results"]
     assert res["native_sd1"] == {"is_mean": True, "is_first_layer": False, "prompt_uses_mean": True}
     assert res["native_sdxl"] == {"clip_l": True, "clip_g": True}
+
+
+def test_the_example_workflow_runs_headless_and_makes_teal_crosses(comfyui_root, tmp_path):
+    """comfyui/run_workflow.py runs comfyui/workflows/xti_demo_api.json through ComfyUI's own
+    execution code (the README picture, docs/comfyui-demo.png, is its --grid output)."""
+    from PIL import Image
+
+    cmd = [
+        sys.executable, str(REPO / "comfyui" / "run_workflow.py"), "--comfyui", str(comfyui_root),
+        "--workflow", str(REPO / "comfyui" / "workflows" / "xti_demo_api.json"),
+        "--out-dir", str(tmp_path / "out"), "--grid", str(tmp_path / "grid.png"),
+        "--stub-torchvision", "--cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted((tmp_path / "out").glob("xti-demo_*.png"))
+    assert len(pngs) == 4 and (tmp_path / "grid.png").is_file()
+    for png in pngs:
+        a = torch.tensor(list(Image.open(png).convert("RGB").getdata()), dtype=torch.float32)
+        assert Image.open(png).size == (128, 128)
+        bright = a.sum(-1) > a.sum(-1).mean() + a.sum(-1).std()
+        fg = a[bright].mean(0)  # the shape, against the dark background
+        assert (
+            0.1 < float(bright.float().mean()) < 0.5 and fg[1] > 2 * fg[0] and fg[2] > 2 * fg[0]
+        ), (
+            png.name,
+            fg.tolist(),
+        )
+    readme = (REPO / "README.md").read_text()
+    assert "docs/comfyui-demo.png" in readme and (REPO / "docs" / "comfyui-demo.png").is_file()
