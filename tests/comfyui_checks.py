@@ -103,6 +103,7 @@ def main() -> int:
     stock_before = sample(sd1.model, encode(sd1.clip, "a red cross"), encode(sd1.clip, NEGATIVE))
 
     nodes = run_workflow.load_nodes()
+    res["diffusers_imported_by_the_pack"] = "diffusers" in sys.modules
     XTI = nodes.NODE_CLASS_MAPPINGS["XTIEmbedding"]()
     cond_mod = sys.modules["xti_nodes.conditioning"]
 

@@ -178,7 +178,7 @@ def _clip_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_diffusers_folder(path: str | Path) -> LoadedModel:
-    """Load a diffusers SD 1.x/2.x or SDXL folder (UNet, text encoders, scheduler) as ComfyUI
+    """Load a diffusers SD 1.x-layout or SDXL folder (UNet, text encoders, scheduler) as ComfyUI
     objects, whatever its size. One-line `XTIError` for what is missing or unsupported."""
     import comfy.latent_formats
     import comfy.model_base
@@ -202,6 +202,11 @@ def load_diffusers_folder(path: str | Path) -> LoadedModel:
         else {}
     )
     sdxl = unet_cfg.get("addition_embed_type") == "text_time"
+    if not sdxl and int(unet_cfg.get("cross_attention_dim", 768)) == 1024:
+        raise XTIError(
+            f"{folder}: an SD 2.x folder; this loader builds SD 1.x and SDXL layouts, load SD 2.x "
+            "checkpoints with ComfyUI's own loaders (the XTI embedding node works with them)"
+        )
     unet_config = unet_config_from_diffusers(unet_cfg)
     heads = {k: unet_config[k] for k in ("num_heads", "num_head_channels")}
     config_cls = comfy.supported_models.SDXL if sdxl else comfy.supported_models.SD15
