@@ -130,14 +130,19 @@ def _sdxl_file(
     save_embedding_file(path, tensors, meta)
 
 
+_PIPES: dict[str, object] = {}
+
+
 def _xti_contexts(folder: Path, files: list[Path], prompt: str, sdxl: bool) -> torch.Tensor:
     """xti's own per-layer contexts ``[L, T, D]`` of the prompt (diffusers pipeline)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from xti.inference import load_xti
 
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    pipe = cls.from_pretrained(str(folder))
+    if str(folder) not in _PIPES:
+        cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        _PIPES[str(folder)] = cls.from_pretrained(str(folder))
+    pipe = _PIPES[str(folder)]
     adapter = load_xti(pipe, [str(f) for f in files])
     enc = adapter.encode(prompt, negative_prompt="blurry")
     out = enc.contexts[:, -1].float()  # [L, T, D]: the positive row
