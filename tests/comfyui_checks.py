@@ -223,6 +223,17 @@ def main() -> int:
         for n in layers
     }
 
+    # clip skip (CLIPSetLastLayer) applies to the per-layer encodings as to any prompt
+    skip = comfy_nodes.CLIPSetLastLayer().set_last_layer(clip, -2)[0]
+    r_k = cond_mod.encode_xti(model, skip, [(str(emb / "sd1_a.xti.safetensors"), None)], PROMPT)
+    res["sd1_clip_skip"] = {
+        n: bool(
+            torch.equal(r_k.contexts[n], native(skip, PROMPT.replace("<a>", f"embedding:a_{n}"))[0])
+        )
+        and not bool(torch.equal(r_k.contexts[n], r_a.contexts[n]))
+        for n in layers
+    }
+
     # two XTI conditionings in one graph: node 2 patches node 1's model
     m_ab, c_b = XTI.apply(m_a, clip, str(emb / "sd1_b.xti.safetensors"), "a <b> on a table")
     r_b = cond_mod.encode_xti(
@@ -305,6 +316,9 @@ def main() -> int:
         r = cond_mod.encode_xti(model, clip, [(str(emb / fname), None)], PROMPT)
         refs = {n: native(clip, PROMPT.replace("<a>", f"embedding:{prefix}_{n}")) for n in names}
         res[f"sdxl_{gran}_layers"] = names
+        if gran == "transformer":  # no POOL vectors: the pooled output is the layers' mean
+            mean_pooled = torch.stack([refs[n][1] for n in names]).mean(dim=0)
+            res["sdxl_mean_pooled_exact"] = bool(torch.equal(r.pooled, mean_pooled))
         res[f"sdxl_{gran}_exact"] = {n: bool(torch.equal(r.contexts[n], refs[n][0])) for n in names}
         for n in names:
             out[f"sdxl_{gran}.{n}"] = r.contexts[n][0]

@@ -225,6 +225,8 @@ def test_layer_names_are_xtis_and_every_context_is_comfyuis_own_encoding_bit_for
     for key in ("sd1_exact", "sdxl_block_exact", "sdxl_transformer_exact"):
         assert res[key] and all(res[key].values()), (key, res[key])
     assert res["sdxl_pool_exact"]  # pooled output from the POOL vectors
+    assert res["sdxl_mean_pooled_exact"]  # or, without them, the mean of the layers' pooled outputs
+    assert res["sd1_clip_skip"] and all(res["sd1_clip_skip"].values())  # CLIPSetLastLayer -2
 
 
 def test_sampling_sees_each_layers_context_in_the_cond_chunk_and_the_negative_untouched(run):
