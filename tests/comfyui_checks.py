@@ -211,6 +211,8 @@ def main() -> int:
         )
     res["sd1_mix"] = {"coarse": [layers[i] for i in sorted(coarse)], "exact": mixed}
     # per-layer prompts (P+ without training)
+    c_p = XTI.apply(model, clip, "", "a red cube", layer_prompts="mid=a green lizard")[1]
+    res["sd1_layer_prompts_node_base"] = bool(torch.equal(c_p[0][0], native(clip, "a red cube")[0]))
     r_p = cond_mod.encode_xti(
         model, clip, [], "a red cube", layer_prompts={"mid": "a green lizard"}
     )
@@ -282,6 +284,7 @@ def main() -> int:
         "missing_file": error_of(
             lambda: XTI.apply(model, clip, str(emb / "nope.xti.safetensors"), PROMPT)
         ),
+        "nothing": error_of(lambda: XTI.apply(model, clip, "", PROMPT)),
     }
 
     # ComfyUI's own embedding loading of the native files (no node): the fallback keys

@@ -292,7 +292,7 @@ def test_equal_layers_sample_as_native_embedding_and_swaps_and_mixes_land_in_the
     mix = res["sd1_mix"]
     assert mix["coarse"] == ["IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05"]
     assert all(mix["exact"].values()), mix
-    assert all(res["sd1_layer_prompts"].values())
+    assert all(res["sd1_layer_prompts"].values()) and res["sd1_layer_prompts_node_base"]
 
 
 def test_a_graph_without_the_node_samples_bit_identically_with_the_pack_installed(run):
@@ -309,6 +309,7 @@ def test_node_errors_are_one_line_and_name_the_problem(run):
     assert "768 wide" in err["wrong_width"] and "64-wide" in err["wrong_width"]
     assert "non-finite" in err["nan"] and "MID" in err["nan"]
     assert "not found" in err["missing_file"]
+    assert "at least one xti file" in err["nothing"]
 
 
 def test_comfyuis_own_embedding_loading_reads_the_native_file_as_the_layer_mean(run):

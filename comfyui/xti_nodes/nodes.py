@@ -43,8 +43,6 @@ def parse_files(text: str) -> list[tuple[str, str | None]]:
             out.append((_resolve_embedding(path.strip()), placeholder.strip()))
         else:
             out.append((_resolve_embedding(line), None))
-    if not out:
-        raise XTIError("embeddings: give at least one xti file (one per line, FILE or <word>=FILE)")
     return out
 
 
@@ -86,16 +84,19 @@ class XTIEmbedding:
         layer_prompts: str = "",
     ) -> tuple[Any, list[list[Any]]]:
         files = parse_files(embeddings)
+        prompts = parse_assignments(_lines(layer_prompts), "layer prompts", split_last=False)
+        if not files and not prompts:
+            raise XTIError(
+                "embeddings: give at least one xti file (one per line, FILE or <word>=FILE), "
+                "or per-layer prompts"
+            )
         result = encode_xti(
             model,
             clip,
             files,
             text,
             mix=parse_assignments(_lines(mix), "mix", split_last=True) or None,
-            layer_prompts=parse_assignments(
-                _lines(layer_prompts), "layer prompts", split_last=False
-            )
-            or None,
+            layer_prompts=prompts or None,
         )
         patched = model.clone()
         patch = XTIAttn2Patch(
