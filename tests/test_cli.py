@@ -28,7 +28,7 @@ def test_train_py_runs_the_tiny_config_end_to_end(tmp_path):
     assert f"wrote {file}" in proc.stdout
     with safe_open(str(file), "pt") as f:
         meta = f.metadata()
-        assert len(list(f.keys())) == 16
+        assert len(list(f.keys())) == 16 + 1  # the layers and their mean ("clip_l" fallback)
     assert meta["xti.placeholder"] == "<striped-box>" and meta["xti.steps"] == "3"
     assert (tmp_path / "cache").is_dir(), "the builtin model is built into XTI_CACHE"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]

@@ -45,7 +45,7 @@ def test_bare_train_py_runs_the_demo_and_writes_embedding_and_sample_grid(tmp_pa
     assert f"wrote {file}" in proc.stdout and f"wrote {grid_file}" in proc.stdout
     with safe_open(str(file), "pt") as f:
         assert f.metadata()["xti.placeholder"] == "<striped-cross>"
-        assert len(list(f.keys())) == 16
+        assert len(list(f.keys())) == 16 + 1  # the layers and their mean ("clip_l" fallback)
     grid = np.asarray(Image.open(grid_file).convert("RGB"))
     # 3 prompts + the mixing row, 2 seeds; 32 px samples enlarged 3x to 96 px cells
     assert grid.shape[0] == 4 * 96

@@ -101,9 +101,12 @@ def test_sd1_round_trip(tmp_path: Path) -> None:
         assert torch.equal(got, t)
 
     # The file itself holds contiguous float32 tensors and the metadata.
+    # Plus the layer mean under "clip_l", the key ComfyUI's plain-embedding loader reads.
     raw = load_file(out)
-    assert set(raw) == set(SD1_LAYER_NAMES)
+    assert set(raw) == set(SD1_LAYER_NAMES) | {"clip_l"}
     assert all(t.dtype == torch.float32 for t in raw.values())
+    mean = torch.stack([vectors[n] for n in SD1_LAYER_NAMES]).mean(dim=0)
+    assert torch.equal(raw["clip_l"], mean) and not torch.equal(raw["clip_l"], vectors["IN01"])
     with safe_open(str(out), framework="pt") as fh:
         assert fh.metadata() == meta
 
@@ -509,3 +512,32 @@ def test_files_whose_layers_do_not_map_onto_kohya_are_refused_with_one_line(
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and path.name in err, err
     assert not list(tmp_path.glob("*.kohya.safetensors")), "nothing written"
+
+
+# --------------------------------------------------------------------------- fallback keys
+
+
+def test_sdxl_files_carry_layer_mean_fallback_keys_that_the_readers_ignore(tmp_path: Path) -> None:
+    vectors, meta = sdxl_file(n=2)
+    path = save_embedding_file(tmp_path / "xl.xti.safetensors", vectors, meta)
+    raw = load_file(path)
+    layers = json.loads(meta["xti.layers"])
+    for enc in ("clip_l", "clip_g"):
+        mean = torch.stack([vectors[f"{enc}.{n}"] for n in layers]).mean(dim=0)
+        assert torch.equal(raw[enc], mean)  # the layer mean, not POOL, not the first layer
+    ef = load_embedding_file(path)
+    assert "clip_l" not in ef.vectors and "clip_g" not in ef.vectors
+    assert set(ef.vectors) == set(vectors)
+
+
+def test_kohya_readers_see_exactly_the_16_layers(tmp_path: Path) -> None:
+    """kohya's gen_img_diffusers XTI loader demands exactly the 16 layer keys: the native SD1 file
+    now has one more (clip_l), `export_kohya` writes the 16; a 16-key file with a clip_l key and no
+    metadata is still read as a kohya file."""
+    path = save_embedding_file(tmp_path / "cat.xti.safetensors", sd1_vectors(), sd1_metadata())
+    kohya = load_file(export_kohya(path))
+    assert set(kohya) == set(SD1_LAYER_NAMES)
+    raw = load_file(path)
+    save_file(raw, str(tmp_path / "bare.safetensors"))  # no metadata
+    ef = load_embedding_file(tmp_path / "bare.safetensors")
+    assert ef.kind == "kohya" and list(ef.vectors) == SD1_LAYER_NAMES

@@ -68,7 +68,9 @@ def test_xti_trains_only_the_vectors_and_exports_the_design_file(tiny_model, tmp
         meta = f.metadata()
         assert f.get_tensor("MID").dtype == torch.float32
         assert torch.equal(f.get_tensor("IN01"), result.vectors[0])
-    assert sorted(keys) == sorted(result.layer_names) and len(keys) == 16
+        # plus the layer mean under "clip_l", what hosts without an XTI loader read
+        assert torch.equal(f.get_tensor("clip_l"), result.vectors.mean(dim=0))
+    assert sorted(keys) == sorted([*result.layer_names, "clip_l"]) and len(keys) == 17
     assert json.loads(meta["xti.layers"]) == result.layer_names
     for key in ("xti.format_version", "xti.granularity", "xti.placeholder", "xti.initializer", "xti.n_vectors",
                 "xti.family", "xti.base_model", "xti.text_dims", "xti.steps", "xti.kde_weight",

@@ -221,7 +221,7 @@ def _cmd_mix(args: argparse.Namespace) -> int:
     """``xti mix --model M -e A -e B --mix "<b>=coarse" --placeholder <m> -o FILE``."""
     from xti.export import load_embedding_file
     from xti.inference import XTIAdapter
-    from xti.mixing import base_concept, layer_owners, save_mix
+    from xti.mix_file import base_concept, layer_owners, save_mix
     from xti.paths import check_output_file
 
     target = check_output_file(args.output, "-o")

@@ -10,6 +10,10 @@ then only with ``weights_only=True``), `inspect_embedding` (``xti inspect``), an
 Layout: the key of one encoder's vectors of one layer is the family's (`xti.families`): SD1.x/SD2.x
 files have one key per layer (``IN01`` ... ``OUT11``), SDXL files have ``clip_l.<LAYER>``,
 ``clip_g.<LAYER>`` and optionally ``clip_g.POOL``; every tensor is ``[n_vectors, d]`` float32.
+Every xti file written here also holds each encoder's layer mean under the key plain-embedding
+loaders look up (``clip_l`` for SD 1.x, ``clip_h`` for SD 2.x, ``clip_l``/``clip_g`` for SDXL;
+`fallback_vectors`), so hosts without an XTI loader read a sensible plain embedding instead of the
+first layer; the readers here ignore those keys.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "SD1_LAYER_NAMES",
     "EmbeddingFile",
     "build_metadata",
+    "fallback_vectors",
     "load_embedding_file",
     "save_embedding_file",
     "to_ti_vectors",
@@ -183,10 +188,41 @@ def save_embedding_file(
             raise ValueError(f"vectors[{key!r}] must be a 2-D [n, d] tensor, got {shape}")
         # clone: safetensors refuses tensors sharing storage (e.g. views of one [L, n, d] tensor).
         tensors[key] = t.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+    tensors.update(fallback_vectors(tensors, meta))
     data = _safetensors_save(tensors, metadata=meta or None)
     target = Path(path)
     atomic_write_bytes(target, data)
     return target
+
+
+def fallback_vectors(
+    vectors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """The layer-mean fallback tensors an xti file carries for hosts without an XTI loader.
+
+    For each text encoder, the mean over the file's layers (``xti.layers``; not SDXL's POOL) under
+    the key that host's plain-embedding loader looks up (`ModelFamily.fallback_key`: ``clip_l``
+    for SD 1.x, ``clip_h`` for SD 2.x, ``clip_l`` and ``clip_g`` for SDXL), so that ComfyUI's
+    ``embedding:NAME`` (and, for SDXL, A1111 and InvokeAI) read the file as the layer mean instead
+    of its first layer. Empty when the metadata names no layers, a layer is missing, or the
+    vectors already hold the fallback keys.
+    """
+    try:
+        layers = json.loads(metadata.get("xti.layers", "null"))
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        return {}
+    family = of_file(metadata, vectors)
+    out: dict[str, torch.Tensor] = {}
+    for enc in family.encoder_names:
+        key = family.fallback_key(enc)
+        per_layer = [vectors.get(family.file_key(enc, layer)) for layer in layers]
+        if key in vectors or any(t is None for t in per_layer):
+            return {}
+        stack = torch.stack([t.detach().float().cpu() for t in per_layer])  # type: ignore[union-attr]
+        out[key] = stack.mean(dim=0).contiguous()
+    return out
 
 
 def _ordered_keys(vectors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> list[str]:
@@ -289,9 +325,13 @@ def _interpret(
                 f"version {FORMAT_VERSION}); upgrade xti"
             )
         layers = _parse_layers(p, metadata.get("xti.layers"))
-        expected, optional = of_file(metadata, tensors).expected_keys(layers)
+        family = of_file(metadata, tensors)
+        expected, optional = family.expected_keys(layers)
         kind: Literal["xti", "kohya"] = "xti"
-    elif set(tensors) == set(SD1_LAYER_NAMES):
+        # the layer-mean fallback keys are for other hosts (`fallback_vectors`): not read here
+        tensors = {k: v for k, v in tensors.items() if k not in family.fallback_keys}
+    elif set(tensors) - set(SD1.fallback_keys) == set(SD1_LAYER_NAMES):
+        tensors = {k: v for k, v in tensors.items() if k in SD1_LAYER_NAMES}
         layers, expected, optional, kind = list(SD1_LAYER_NAMES), list(SD1_LAYER_NAMES), [], "kohya"
     else:
         hint = ""

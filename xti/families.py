@@ -139,6 +139,18 @@ class ModelFamily:
         """The key of one encoder's vectors in a plain textual-inversion file."""
         raise NotImplementedError
 
+    def fallback_key(self, encoder: str) -> str:
+        """The key under which an xti file also holds one encoder's layer mean, for hosts without
+        an XTI loader: the key ComfyUI's (and for SDXL A1111's and InvokeAI's) embedding loader
+        looks up for that text encoder (DESIGN §6 fallback; readers of the per-layer file ignore
+        it)."""
+        raise NotImplementedError
+
+    @property
+    def fallback_keys(self) -> list[str]:
+        """All fallback keys of the family's files, in encoder order."""
+        return [self.fallback_key(e) for e in self.encoder_names]
+
     def file_vectors(
         self,
         vectors: Mapping[str, torch.Tensor],
@@ -241,6 +253,10 @@ class StableDiffusion(ModelFamily):
     def ti_key(self, encoder: str) -> str:
         return "emb_params"
 
+    def fallback_key(self, encoder: str) -> str:
+        # ComfyUI's SD1 tokenizer reads "clip_l", its SD2 (OpenCLIP-H) tokenizer "clip_h"
+        return "clip_h" if self.name == "sd2" else "clip_l"
+
     def pipeline_extra(self) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
@@ -280,6 +296,9 @@ class StableDiffusionXL(ModelFamily):
         return required, [self.pool_key]
 
     def ti_key(self, encoder: str) -> str:
+        return encoder
+
+    def fallback_key(self, encoder: str) -> str:
         return encoder
 
     def vector_sets(self, encoder, num_variants, pooled):

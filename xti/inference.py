@@ -66,8 +66,7 @@ import copy
 import inspect
 import logging
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,14 +79,13 @@ from xti.errors import XTIError
 from xti.export import EmbeddingFile, load_embedding_file, names_list
 from xti.families import EncoderPart, ModelFamily, encode_layers, of_pipeline
 from xti.layers import LayerScheme, layer_scheme
+from xti.mixing import Selection, fill_mix, match_layers, mix_owners, placeholder_regex
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Concept", "EncodedPrompts", "XTIAdapter", "load_xti", "match_layers"]
 
 PathLike = str | os.PathLike[str]
-Selection = str | Sequence[str]
-"""A layer selection: names, groups, ranges (``"coarse"``, ``"IN07-OUT05"``, ``["MID", "0-3"]``)."""
 
 
 # ----------------------------------------------------------------------------- data classes
@@ -198,11 +196,6 @@ def _batch_size(prompt: Any, layer_prompts: Mapping[Any, Any] | None) -> int:
     for value in (layer_prompts or {}).values():
         return 1 if isinstance(value, str) else max(1, len(list(value)))
     raise XTIError("give a prompt, or layer prompts that cover every layer")
-
-
-def _placeholder_regex(placeholders: Iterable[str]) -> re.Pattern[str] | None:
-    items = sorted(set(placeholders), key=len, reverse=True)
-    return re.compile("|".join(re.escape(p) for p in items)) if items else None
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -512,7 +505,7 @@ class XTIAdapter:
         over the layers'.
         """
         num_layers = len(self.scheme)
-        pattern = _placeholder_regex(self._concepts)
+        pattern = placeholder_regex(self._concepts)
         use_pool = all(t is not None for t in pool_texts)
         if use_pool and pattern is not None:
             used = {
@@ -596,18 +589,8 @@ class XTIAdapter:
     ) -> list[list[list[str]]]:
         if not mix:
             return sides
-        owner: dict[int, str] = {}
-        for placeholder, selection in mix.items():
-            if placeholder not in self._concepts:
-                loaded = ", ".join(self._concepts) or "none"
-                raise XTIError(f"mix: {placeholder!r} is not a loaded concept (loaded: {loaded})")
-            spec = list(selection) if isinstance(selection, (tuple, list)) else str(selection)
-            indices = self.scheme.select(spec)
-            if not indices:
-                raise XTIError(f"mix: {placeholder}={selection!r} selects no layer")
-            for i in indices:
-                owner[i] = placeholder
-        pattern = _placeholder_regex(mix)
+        owner = mix_owners(self.scheme, mix, self._concepts)
+        pattern = placeholder_regex(mix)
         assert pattern is not None
         if not any(pattern.search(t) for side in sides[-1:] for layer in side for t in layer):
             raise XTIError(f"mix: no prompt contains any of {', '.join(mix)}")
@@ -615,9 +598,7 @@ class XTIAdapter:
         for side in sides:
             new_side = []
             for i, layer in enumerate(side):
-                if i in owner:
-                    fill = owner[i]
-                    layer = [pattern.sub(lambda _m, f=fill: f, t) for t in layer]
+                layer = [fill_mix(t, owner.get(i), pattern) for t in layer]
                 new_side.append(layer)
             out.append(new_side)
         return out
@@ -626,7 +607,7 @@ class XTIAdapter:
         convert = getattr(self.pipe, "maybe_convert_prompt", None)
         if convert is not None:  # multi-vector stock TI tokens already in the pipeline
             text = convert(text, slot.source_tokenizer)
-        pattern = _placeholder_regex(self._concepts)
+        pattern = placeholder_regex(self._concepts)
         if pattern is None:
             return text
         return pattern.sub(
@@ -778,30 +759,6 @@ def _unwrapped(processors: Mapping[str, Any]) -> dict[str, Any]:
             proc = proc.inner
         out[key] = proc
     return out
-
-
-def match_layers(file_layers: Sequence[str], scheme: LayerScheme) -> list[str] | None:
-    """For each layer of the scheme, the file's layer that holds its vectors; None when the file
-    does not fit.
-
-    A file fits when its layers are the scheme's; or, on a ``block`` scheme whose layers have one
-    transformer block each, the transformer names (``IN01.0``); or, on a ``transformer`` scheme,
-    the block names (each transformer block takes its block's vectors).
-    """
-    names = scheme.names
-    given = set(file_layers)
-    if len(given) != len(file_layers):
-        return None
-    if given == set(names):
-        return list(names)
-    if scheme.granularity == "block":
-        if all(len(layer.cross_attention_paths) == 1 for layer in scheme.layers):
-            dotted = [f"{n}.0" for n in names]
-            if given == set(dotted):
-                return dotted
-        return None
-    blocks = [n.rsplit(".", 1)[0] for n in names]
-    return blocks if given == set(blocks) else None
 
 
 @contextlib.contextmanager

@@ -1,134 +1,89 @@
-"""A mix saved as one file: each layer holds the vectors of the concept assigned to it.
+"""Style mixing and layer matching as pure functions (no diffusers, no model): shared by
+`xti.inference`, the CLI and the ComfyUI node pack (``comfyui/xti_nodes``).
 
-Concepts are those an `xti.inference.XTIAdapter` loaded (aligned to the model's layer scheme); a mix
-says which concept owns which layers (`layer_owners`, from ``{placeholder: selection}`` as
-``xti generate --mix`` takes it; later entries win). Layers no concept owns hold the vectors of the
-*base* concept (`base_concept`: the first loaded concept the prompt names), which is what those
-layers see when generating with the prompt. `save_mix` writes the file (``xti mix … -o FILE``, the
-web UI's "save this mix"); the new file's metadata records the mix (``xti.mix``).
+This module owns which layers each mixed placeholder owns (`mix_owners`), how a prompt is rewritten
+for one layer of a mix (`fill_mix`), and which of a file's layers feeds each layer of a scheme
+(`match_layers`); the ``KEY=VALUE`` syntax users type is `xti.parsing.parse_assignments`.
+Mixing rule: in the layers given for a concept, every placeholder of the mix in the prompt is
+filled by that concept; layers not given keep the placeholder as written; later entries win.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+import re
+from collections.abc import Iterable, Mapping, Sequence
 
 from xti.errors import XTIError
-from xti.export import build_metadata, save_embedding_file
 from xti.layers import LayerScheme
-from xti.sweep import selection_text
+
+Selection = str | Sequence[str]
+"""A layer selection: names, groups, ranges (``"coarse"``, ``"IN07-OUT05"``, ``["MID", "0-3"]``)."""
+
+__all__ = [
+    "Selection",
+    "fill_mix",
+    "match_layers",
+    "mix_owners",
+    "placeholder_regex",
+]
 
 
-def layer_owners(
-    scheme: LayerScheme, mix: Mapping[str, str | list[str]], concepts: Sequence[str]
-) -> list[str | None]:
-    """Per layer (forward order), the concept a mix ``{placeholder: selection}`` gives it, or None
-    where the mix names none (later entries win)."""
-    owners: list[str | None] = [None] * len(scheme)
+def placeholder_regex(placeholders: Iterable[str]) -> re.Pattern[str] | None:
+    """A regex matching any of the placeholders (longest first); None for none."""
+    items = sorted(set(placeholders), key=len, reverse=True)
+    return re.compile("|".join(re.escape(p) for p in items)) if items else None
+
+
+def mix_owners(
+    scheme: LayerScheme, mix: Mapping[str, Selection], loaded: Iterable[str]
+) -> dict[int, str]:
+    """For each layer index a mix selects, the placeholder that owns it (later entries win).
+
+    Raises `XTIError` for a placeholder that is not loaded or a selection that selects nothing.
+    """
+    known = list(loaded)
+    owner: dict[int, str] = {}
     for placeholder, selection in mix.items():
-        if placeholder not in concepts:
-            loaded = ", ".join(concepts) or "none"
-            raise XTIError(f"mix: {placeholder} is not loaded (loaded: {loaded})")
-        try:
-            chosen = scheme.select(selection)
-        except XTIError as err:
-            raise XTIError(f"mix {placeholder}: {err}") from None
-        for i in chosen:
-            owners[i] = placeholder
-    return owners
+        if placeholder not in known:
+            raise XTIError(
+                f"mix: {placeholder!r} is not a loaded concept (loaded: {', '.join(known) or 'none'})"
+            )
+        spec = list(selection) if isinstance(selection, (tuple, list)) else str(selection)
+        indices = scheme.select(spec)
+        if not indices:
+            raise XTIError(f"mix: {placeholder}={selection!r} selects no layer")
+        for i in indices:
+            owner[i] = placeholder
+    return owner
 
 
-def base_concept(concepts: Sequence[str], prompt: str | None) -> str | None:
-    """The first loaded concept (loading order) whose placeholder the prompt contains."""
-    return next((p for p in concepts if prompt and p in prompt), None)
+def fill_mix(text: str, owner: str | None, pattern: re.Pattern[str] | None) -> str:
+    """The text one layer sees: every mixed placeholder replaced by the layer's owner (unchanged
+    when the layer has no owner)."""
+    if owner is None or pattern is None:
+        return text
+    return pattern.sub(lambda _m: owner, text)
 
 
-def mix_selections(
-    scheme: LayerScheme, owners: Sequence[str | None], concepts: Sequence[str]
-) -> dict[str, str]:
-    """The mix as ``{placeholder: selection}`` in loading order, for concepts owning a layer."""
-    mix = {}
-    for concept in concepts:
-        chosen = [i for i, owner in enumerate(owners) if owner == concept]
-        if chosen:
-            mix[concept] = selection_text(chosen, scheme)
-    return mix
+def match_layers(file_layers: Sequence[str], scheme: LayerScheme) -> list[str] | None:
+    """For each layer of the scheme, the file's layer that holds its vectors; None when the file
+    does not fit.
 
-
-def _filled_owners(
-    names: Sequence[str], owners: Sequence[str | None], base: str | None
-) -> list[str]:
-    """Every layer's concept: its owner, or the base concept."""
-    filled = []
-    for name, owner in zip(names, owners, strict=True):
-        if owner is None:
-            if base is None:
-                raise XTIError(
-                    f"layer {name} keeps the prompt, which names no loaded concept: assign it, or "
-                    "put a placeholder in the prompt"
-                )
-            owner = base
-        filled.append(owner)
-    return filled
-
-
-def mixed_vectors(
-    adapter: Any, owners: Sequence[str | None], base: str | None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The saved mix's tensors ``{file key: [n, d]}`` and facts for its metadata (``n_vectors``,
-    ``text_dims``, ``pooled``): each layer the vectors of its concept (unowned layers: `base`)."""
-    concepts = adapter.concepts
-    filled = _filled_owners(adapter.layer_names, owners, base)
-    unknown = sorted({o for o in filled if o not in concepts})
-    if unknown:
-        raise XTIError(f"the mix names {', '.join(unknown)}, which is not loaded")
-    widths = {concepts[o].n_vectors for o in filled}
-    if len(widths) > 1:
-        raise XTIError("the mixed concepts have different numbers of vectors per layer")
-    family = adapter.family
-    tensors = {}
-    for encoder in family.encoder_names:
-        for i, (name, owner) in enumerate(zip(adapter.layer_names, filled, strict=True)):
-            tensors[family.file_key(encoder, name)] = concepts[owner].encoder_vectors[encoder][i]
-    pool = concepts[base or filled[0]].pool
-    if pool is not None and family.pool_key is not None:
-        tensors[family.pool_key] = pool
-    dims = {
-        enc: int(concepts[filled[0]].encoder_vectors[enc].shape[-1]) for enc in family.encoder_names
-    }
-    return tensors, {"n_vectors": widths.pop(), "text_dims": dims, "pooled": pool is not None}
-
-
-def save_mix(
-    adapter: Any,
-    owners: Sequence[str | None],
-    base: str | None,
-    path: str | Path,
-    *,
-    placeholder: str,
-    model: str,
-) -> Path:
-    """Write a mix (per layer its owner, None for the `base` concept) as one xti file with the new
-    `placeholder`; returns the path written (atomically)."""
-    if not placeholder.strip() or any(c.isspace() for c in placeholder.strip()):
-        raise XTIError("mix name: one word without spaces, e.g. <my-mix>")
-    tensors, facts = mixed_vectors(adapter, owners, base)
-    mix = mix_selections(adapter.scheme, owners, list(adapter.concepts))
-    pooled = "slot" if facts["pooled"] else "mean"
-    extra = {"xti.mix": json.dumps(mix), **(adapter.family.metadata_extra(pooled) or {})}
-    meta = build_metadata(
-        layers=adapter.layer_names,
-        granularity=adapter.scheme.granularity,
-        placeholder=placeholder.strip(),
-        initializer=", ".join(f"{c} in {sel}" for c, sel in mix.items()) or "mix",
-        n_vectors=facts["n_vectors"],
-        family=adapter.family.name,
-        base_model=model,
-        text_dims=facts["text_dims"],
-        steps=0,
-        kde_weight=0.0,
-        extra=extra,
-    )
-    return save_embedding_file(path, tensors, meta)
+    A file fits when its layers are the scheme's; or, on a ``block`` scheme whose layers have one
+    transformer block each, the transformer names (``IN01.0``); or, on a ``transformer`` scheme,
+    the block names (each transformer block takes its block's vectors).
+    """
+    names = scheme.names
+    given = set(file_layers)
+    if len(given) != len(file_layers):
+        return None
+    if given == set(names):
+        return list(names)
+    if scheme.granularity == "block":
+        if all(len(layer.cross_attention_paths) == 1 for layer in scheme.layers):
+            dotted = [f"{n}.0" for n in names]
+            if given == set(dotted):
+                return dotted
+        return None
+    blocks = [n.rsplit(".", 1)[0] for n in names]
+    return blocks if given == set(blocks) else None

@@ -87,7 +87,7 @@ def mix_of(
 ) -> dict[str, str]:
     """The adapter's ``mix`` for a board: ``{placeholder: selection}`` in loading order, for the
     concepts that own at least one layer."""
-    from xti.mixing import mix_selections
+    from xti.mix_file import mix_selections
 
     unknown = sorted({v for v in board.values() if v != PROMPT and v not in concepts})
     if unknown:
@@ -209,8 +209,8 @@ def save_mix(
 ) -> Path:
     """Write the board's mix as one xti file with the new `placeholder` (`xti.mixing.save_mix`:
     layers left to the prompt hold the prompt's first concept)."""
-    from xti.mixing import base_concept
-    from xti.mixing import save_mix as save
+    from xti.mix_file import base_concept
+    from xti.mix_file import save_mix as save
 
     concepts = list(adapter.concepts)
     mix_of(adapter.scheme, board, concepts)  # one line when the board names a concept not loaded
