@@ -73,7 +73,7 @@ def sdxl3(tmp_path_factory) -> Path:
     penultimate layer and needs at least 3)."""
     from diffusers import DDPMScheduler
 
-    from xti.demo import builders as b
+    from xti import builtin as b
     from xti.tokenizer import save_clip_tokenizer
 
     out = tmp_path_factory.mktemp("sdxl3") / "tiny-sdxl3"

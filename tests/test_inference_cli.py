@@ -161,7 +161,7 @@ def test_mix_saves_each_layers_concept_as_one_file(tiny_model, files, tmp_path, 
 
     out.unlink()
     assert main([*base, "--mix", "<c>=coarse"]) == 2
-    assert "<c> is not loaded" in one_line_error(capsys)
+    assert "'<c>' is not a loaded concept" in one_line_error(capsys)
     assert main([*base, "--mix", "<b>=IN99"]) == 2
     assert "IN99" in one_line_error(capsys)
     assert not out.exists()
