@@ -32,7 +32,7 @@ from safetensors.torch import save as _safetensors_save
 
 from xti.errors import XTIError
 from xti.families import FAMILIES, SD1, ModelFamily, of_file
-from xti.paths import check_output_file
+from xti.paths import check_output_file, file_name_problem
 
 PathLike = str | os.PathLike[str]
 
@@ -562,6 +562,11 @@ def _default_output(source: Path, suffix: str) -> Path:
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
+    problem = file_name_problem(f"{name}{suffix}")
+    if problem:  # e.g. a layer named "../x" in the file
+        raise XTIError(
+            f"{source}: the default output name {name + suffix!r} {problem}; pass --output"
+        )
     return source.with_name(f"{name}{suffix}")
 
 
