@@ -23,6 +23,7 @@ import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,9 +76,10 @@ class EmbeddingFile:
     kind: Literal["xti", "kohya"] = "xti"
     source: str | None = None
 
-    @property
+    @cached_property
     def model_family(self) -> ModelFamily:
-        """The `xti.families.ModelFamily` of the file: its metadata, else its key layout."""
+        """The `xti.families.ModelFamily` of the file: its metadata, else its key layout (derived
+        once, on first use)."""
         return of_file(self.metadata, self.vectors)
 
     @property
