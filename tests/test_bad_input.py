@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from xti.cli import main
+from xti.export import build_metadata
 
 REPO = Path(__file__).parents[1]
 
@@ -66,6 +69,10 @@ CASES = {
     "model path missing": (lambda m, t: ([f"model.path={t / 'no-model'}"], "no-model")),
     "resolution not a multiple": (lambda m, t: (["train.resolution=31"], "train.resolution")),
     "resume without checkpoint": (lambda m, t: (["train.resume=latest"], "train.resume")),
+    # root passes the permission check there, yet no folder can be made in /proc
+    "output_dir that cannot be made": (
+        lambda m, t: (["output_dir=/proc/xti-out"], "output_dir /proc/xti-out cannot be created")
+    ),
 }
 
 
@@ -123,3 +130,24 @@ def test_odd_image_modes_and_small_images_are_converted_with_a_warning(
         assert run(tiny_model, tmp_path / "out", data=data) == 0
     assert any("small.png" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "out" / "box.xti.safetensors").is_file()
+
+
+def test_ti_export_of_a_layer_whose_name_is_a_path_gives_one_line(tmp_path, capsys):
+    """A file may name a layer anything; the default output name built from it must stay a name."""
+
+    layers = ["IN01", "../../x"]
+    meta = build_metadata(
+        layers=layers, granularity="block", placeholder="<odd>", initializer="box", n_vectors=1,
+        family="sd1", base_model="tiny", text_dims={"text": 8}, steps=1, kde_weight=0.0,
+    )  # fmt: skip
+    file = tmp_path / "odd.xti.safetensors"
+    save_file({name: torch.ones(1, 8) for name in layers}, str(file), metadata=meta)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(["export", str(file), "--format", "ti", "--layer", "../../x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "odd-../../x.ti.safetensors" in err[0] and "--output" in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "nothing written"
+    out = tmp_path / "x.ti.safetensors"
+    assert main(["export", str(file), "--format", "ti", "--layer", "../../x", "-o", str(out)]) == 0
+    assert torch.equal(load_file(str(out))["emb_params"], torch.ones(1, 8))

@@ -117,6 +117,49 @@ def test_per_layer_contexts_equal_stock_textual_inversion_per_layer(text_encoder
     assert text_encoder.get_input_embeddings().__class__.__name__ == "Embedding"
 
 
+def test_shared_layers_encode_each_batch_row_once_with_stock_values_and_gradients(text_encoder):
+    """TI mode (``shared``): B rows, not L·B, in one call; every layer's context is the stock TI
+    context, and the gradient is the sum over the layers' (last bits may differ from L·B rows)."""
+    tok = build_clip_tokenizer()
+    pt = add_placeholder_tokens(tok, "<toy>", 2)
+    prompts = ["a photo of <toy>", "<toy> on a table", "a photo of <toy>"]  # items 0, 2 equal
+    ids = tokenize(tok, [pt.expand(p) for p in prompts])
+    layers = 5
+    g = torch.Generator().manual_seed(1)
+    concept = ConceptVectors(torch.randn(2, 32, generator=g), 1)
+    weights = torch.randn(layers, 3, 77, 32, generator=g)
+    calls = []
+    hook = text_encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    handle = install_token_embedding(text_encoder, pt.first_id, concept)
+    try:
+        contexts, _ = encode_per_layer(
+            SD1,
+            [EncoderPart("text", tok, text_encoder)],
+            {"text": ids},
+            {"text": pt},
+            layer_variants(layers, "shared"),
+            1,
+        )
+        (contexts * weights).sum().backward()
+    finally:
+        handle.remove()
+        hook.remove()
+    assert calls == [torch.Size([3, 77])], "one call on the B batch rows (equal items kept)"
+    assert contexts.shape == (layers, 3, 77, 32)
+    expected = stock_encode(text_encoder, ids, pt.first_id, concept.vectors[0].detach())
+    for i in range(layers):
+        torch.testing.assert_close(contexts[i], expected, rtol=1e-5, atol=1e-5)
+
+    ref = copy.deepcopy(text_encoder)
+    ref.resize_token_embeddings(pt.first_id + 2, mean_resizing=False)
+    table = ref.get_input_embeddings().weight
+    with torch.no_grad():
+        table[pt.first_id :] = concept.vectors[0].detach()
+    table.requires_grad_(True)
+    (ref(ids)[0] * weights.sum(0)).sum().backward()
+    torch.testing.assert_close(concept.vectors.grad[0], table.grad[pt.first_id :])
+
+
 def test_only_vectors_get_gradients_and_vocabulary_is_untouched(text_encoder):
     tok = build_clip_tokenizer()
     pt = add_placeholder_tokens(tok, "<toy>", 1)

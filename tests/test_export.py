@@ -120,6 +120,17 @@ def test_custom_layer_order_is_kept(tmp_path: Path) -> None:
     assert ef.layers == layers and list(ef.vectors) == layers
 
 
+def test_family_is_derived_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_embedding_file(tmp_path / "a.xti.safetensors", sd1_vectors(), sd1_metadata())
+    ef = load_embedding_file(path)
+    derived = []
+    of_file = export.of_file
+    monkeypatch.setattr(export, "of_file", lambda *a: derived.append(1) or of_file(*a))
+    for name in SD1_LAYER_NAMES:
+        assert torch.equal(ef.layer_vectors(name, "text"), ef.vectors[name])
+    assert ef.family == "sd1" and len(derived) <= 1
+
+
 def test_save_converts_dtype_device_views(tmp_path: Path) -> None:
     base = torch.randn(16, 3, 64, dtype=torch.float64)
     # Views of one parameter tensor (shared storage), non-contiguous, and fp16/bf16 are all fine.

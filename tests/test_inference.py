@@ -161,3 +161,19 @@ def test_lora_weights_in_the_pipeline_work_alongside(tiny_model, layers, tmp_pat
         ours = xti("a <e>", generator=seeded(), **args).images
     assert (ours == stock("a <e>", generator=seeded(), **args).images).all()
     assert not (ours == plain("a <e>", generator=seeded(), **args).images).all()
+
+
+def test_layers_left_at_the_plain_prompt_are_encoded_once(pipe, layers, tmp_path):
+    """Per-layer rows that are equal (layers without the concept) cost one encoder row."""
+    vectors = {n: random_vectors(70 + i, 1, D) for i, n in enumerate(layers)}
+    path = write_file(tmp_path / "a.xti.safetensors", vectors, "<a>")
+    with load_xti(pipe, path) as xti:
+        encoded = xti.encode(
+            "a red cube", layer_prompts={"mid": "a <a> cube"}, negative_prompt="ugly"
+        )
+        plain = xti.encode("a red cube", negative_prompt="ugly")
+    assert encoded.num_sequences == 3, "the prompt (15 layers), MID's prompt, the negative"
+    mid = layers.index("MID")
+    others = [i for i in range(len(layers)) if i != mid]
+    assert torch.equal(encoded.contexts[others], plain.contexts[others])
+    assert not torch.equal(encoded.contexts[mid], plain.contexts[mid])

@@ -41,7 +41,18 @@ def one_line_error(capsys) -> str:
     return err
 
 
-def test_generate_with_mixing_layer_prompts_count_and_grid(tiny_model, files, tmp_path, capsys):
+def test_generate_with_mixing_layer_prompts_count_and_grid(
+    tiny_model, files, tmp_path, capsys, monkeypatch
+):
+    import xti.export
+    import xti.inference
+
+    reads = []
+
+    def counted(path, **kw):
+        reads.append(str(path))
+        return load_embedding_file(path, **kw)
+
     a, b = files
     kohya = tmp_path / "b.kohya.safetensors"
     assert main(["export", str(b), "--format", "kohya", "-o", str(kohya)]) == 0
@@ -55,7 +66,10 @@ def test_generate_with_mixing_layer_prompts_count_and_grid(tiny_model, files, tm
         "--device", "cpu",
     ]  # fmt: skip
     capsys.readouterr()
+    for module in (xti.export, xti.inference):
+        monkeypatch.setattr(module, "load_embedding_file", counted)
     assert main(args) == 0
+    assert sorted(reads) == sorted([str(a), str(kohya)]), "each embedding file is read once"
     printed = capsys.readouterr().out.split()
     names = sorted(p.name for p in out.iterdir())
     assert names == ["xti-3-00.png", "xti-3-01.png", "xti-3-grid.png"]

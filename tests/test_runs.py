@@ -103,12 +103,29 @@ def other_weights(tiny_model: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def v_prediction(tiny_model: Path, tmp_path: Path) -> Path:
+    """The tiny model, same weights, with a v-prediction scheduler config (as builtin:tiny-sd1-v)."""
+    copy = tmp_path / "v-model"
+    shutil.copytree(tiny_model, copy)
+    file = copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    return copy
+
+
 MISMATCHES = {
     "seed": (["train.seed=4"], "train.seed: 3 → 4"),
     "lr": (["train.lr=0.02"], "train.lr: 0.01 → 0.02"),
     "placeholder": (["concept.placeholder=<crate>"], "concept.placeholder: <box> → <crate>"),
     "batch": (["train.batch_size=1"], "effective batch"),
     "model of the same shape": (other_weights, "model.weights"),
+    "scheduler of the same weights": (
+        v_prediction,
+        "scheduler.prediction_type: epsilon → v_prediction",
+    ),
+    "kde weight": (["kde.weight=0.5"], "kde.weight: 0.01 → 0.5"),
+    "kde bandwidth": (["kde.bandwidth=0.3"], "kde.bandwidth: None → 0.3"),
+    "snr gamma": (["train.snr_gamma=5"], "train.snr_gamma: None → 5.0"),
 }
 
 
@@ -133,11 +150,13 @@ def test_forced_resume_continues_and_logs_the_difference(
     shutil.copytree(checkpointed, out)
     with caplog.at_level(logging.WARNING, logger="xti"):
         result = train(
-            make_cfg(tiny_model, out, "train.resume=latest", "train.lr=0.02", "train.resume_force=true"),
+            make_cfg(tiny_model, out, "train.resume=latest", "train.lr=0.02", "kde.weight=0.5", "train.resume_force=true"),
             progress=False,
         )  # fmt: skip
     assert [s for s, _ in result.losses] == [2, 3, 4]
-    assert any("train.lr: 0.01 → 0.02" in r.getMessage() for r in caplog.records)
+    logged = [r.getMessage() for r in caplog.records if "train.resume_force" in r.getMessage()]
+    assert len(logged) == 1
+    assert "train.lr: 0.01 → 0.02" in logged[0] and "kde.weight: 0.01 → 0.5" in logged[0]
 
 
 def test_model_identity_tells_same_shaped_models_apart(tiny_model, tmp_path):

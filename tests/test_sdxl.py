@@ -175,6 +175,49 @@ def test_pooled_output_is_read_at_the_true_eos_position_with_added_tokens():
     assert not torch.allclose(pooled, wrong)
 
 
+def test_shared_mode_encodes_b_rows_per_vector_set_with_the_values_of_all_rows():
+    """TI mode on SDXL: clip_l on B rows, clip_g on 2·B (the set and POOL), not L·B and (L+1)·B;
+    the contexts and pooled embeds are those of every layer encoded with the same vectors (on CPU a
+    row's states do not depend on the batch it is encoded in)."""
+    parts = build_tiny_sdxl_components()
+    te1, te2 = parts["text_encoder"], parts["text_encoder_2"]
+    tok1, tok2 = parts["tokenizer"], parts["tokenizer_2"]
+    pt1, pt2 = add_placeholder_tokens(tok1, "<x>", 1), add_placeholder_tokens(tok2, "<x>", 1)
+    prompts = ["a <x> on a table", "<x>"]
+    ids = {
+        "clip_l": tokenize(tok1, [pt1.expand(p) for p in prompts]),
+        "clip_g": tokenize(tok2, [pt2.expand(p) for p in prompts]),
+    }
+    layers = 3
+    g = torch.Generator().manual_seed(2)
+    v1, v2, pool = (torch.randn(1, d, generator=g) for d in (32, 48, 48))
+    enc = [EncoderPart("clip_l", tok1, te1), EncoderPart("clip_g", tok2, te2)]
+    tokens = {"clip_l": pt1, "clip_g": pt2}
+
+    def run(granularity: str, sets: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+        c1 = ConceptVectors(v1, sets)
+        c2 = ConceptVectors(v2, sets + 1)
+        with torch.no_grad():
+            c2.vectors[sets] = pool
+        calls = []
+        hooks = [m.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0])) for m in (te1, te2)]  # fmt: skip
+        handles = [install_token_embedding(te1, pt1.first_id, c1), install_token_embedding(te2, pt2.first_id, c2)]  # fmt: skip
+        try:
+            with torch.no_grad():
+                contexts, pooled = encode_per_layer(
+                    SDXL, enc, ids, tokens, layer_variants(layers, granularity), sets, "slot"
+                )
+        finally:
+            for h in hooks + handles:
+                h.remove()
+        return calls, contexts, pooled
+
+    calls, contexts, pooled = run("shared", 1)
+    all_calls, all_contexts, all_pooled = run("block", layers)
+    assert calls == [2, 4] and all_calls == [2 * layers, 2 * (layers + 1)]
+    assert torch.equal(contexts, all_contexts) and torch.equal(pooled, all_pooled)
+
+
 def cfg(model: Path, data: Path, out: Path, *extra: str):
     return load_config(None, [
         f"model.path={model}", f"data.dir={data}", f"output_dir={out}", "concept.placeholder=<thing>",

@@ -112,9 +112,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise XTIError("--freeu: expected four numbers s1,s2,b1,b2") from None
         if len(freeu) != 4 or not all(math.isfinite(x) for x in freeu):
             raise XTIError("--freeu: expected four finite numbers s1,s2,b1,b2")
-    embeddings = embedding_args(args.embedding or [])
-    for _, path in embeddings:  # fail on a bad file before the model loads
-        load_embedding_file(path, allow_pickle=args.allow_pickle)
+    files = [  # read once, and a bad file fails before the model loads
+        (placeholder, load_embedding_file(path, allow_pickle=args.allow_pickle))
+        for placeholder, path in embedding_args(args.embedding or [])
+    ]
     with _progress_bars(not args.no_progress):
         pipe = load_pipeline_for(args)
     pipe.set_progress_bar_config(disable=args.no_progress)
@@ -130,8 +131,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
     adapter = XTIAdapter(pipe)
     try:
-        for placeholder, path in embeddings:
-            adapter.load(path, placeholder, allow_pickle=args.allow_pickle)
+        for placeholder, ef in files:
+            adapter.load(ef, placeholder)
         device = pipe._execution_device
         generator = torch.Generator(device=device).manual_seed(args.seed)
         result = adapter(

@@ -230,7 +230,11 @@ def encode_per_layer(
 
     The text encoders carry the concept's `ConceptTokenEmbedding`; each runs once, through the
     per-layer encoder that inference shares (`xti.families.encode_layers`). An encoder with more
-    vector sets than layer variants (SDXL's POOL slot) gets its extra rows too.
+    vector sets than layer variants (SDXL's POOL slot) gets its extra rows too. When layers share
+    vector sets (fewer variants than layers: ``shared``), each set's rows are encoded once (B rows
+    per set, not one per layer) and indexed back to the layers; the forward values are the same,
+    the gradients of the shared rows are summed in another order (last bits). XTI (one variant per
+    layer) encodes the L rows as before.
 
     Args:
         family: the model family.
@@ -241,16 +245,27 @@ def encode_per_layer(
         num_variants: V, the number of layer vector sets.
         pooled: SDXL: ``slot`` (the POOL vector set) or ``mean`` (of the layers' pooled outputs).
     """
-    ids = {}
+    ids, row_index = {}, {}
     pool_row = False
+    shared = num_variants < len(variant_of_layer)
     for part in parts:
         extra = range(num_variants, family.vector_sets(part.name, num_variants, pooled))
         pool_row = pool_row or len(extra) > 0
-        ids[part.name] = layer_rows(
-            input_ids[part.name], tokens[part.name], variant_of_layer, extra
-        )
+        if shared:
+            sets = torch.arange(num_variants + len(extra), device=variant_of_layer.device)
+            rows_of = sets[:num_variants]
+            row_index[part.name] = torch.cat([variant_of_layer, sets[num_variants:]])
+        else:
+            rows_of = variant_of_layer
+        ids[part.name] = layer_rows(input_ids[part.name], tokens[part.name], rows_of, extra)
     out = encode_layers(
-        family, parts, ids, num_layers=len(variant_of_layer), pool_row=pool_row, distinct=False
+        family,
+        parts,
+        ids,
+        num_layers=len(variant_of_layer),
+        pool_row=pool_row,
+        distinct=False,
+        row_index=row_index or None,
     )
     return out.contexts[0], (out.pooled[0] if out.pooled is not None else None)
 

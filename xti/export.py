@@ -24,6 +24,7 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from safetensors.torch import save as _safetensors_save
 
 from xti.errors import XTIError
 from xti.families import FAMILIES, SD1, ModelFamily, of_file
-from xti.paths import atomic_write_bytes, check_output_file
+from xti.paths import atomic_write_bytes, check_output_file, file_name_problem
 
 PathLike = str | os.PathLike[str]
 
@@ -76,9 +77,10 @@ class EmbeddingFile:
     kind: Literal["xti", "kohya"] = "xti"
     source: str | None = None
 
-    @property
+    @cached_property
     def model_family(self) -> ModelFamily:
-        """The `xti.families.ModelFamily` of the file: its metadata, else its key layout."""
+        """The `xti.families.ModelFamily` of the file: its metadata, else its key layout (derived
+        once, on first use)."""
         return of_file(self.metadata, self.vectors)
 
     @property
@@ -547,6 +549,11 @@ def _default_output(source: Path, suffix: str) -> Path:
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
+    problem = file_name_problem(f"{name}{suffix}")
+    if problem:  # e.g. a layer named "../x" in the file
+        raise XTIError(
+            f"{source}: the default output name {name + suffix!r} {problem}; pass --output"
+        )
     return source.with_name(f"{name}{suffix}")
 
 

@@ -523,14 +523,16 @@ def encode_layers(
     device: torch.device | str | None = None,
     around_call: Any = None,
     distinct: bool = True,
+    row_index: Mapping[str, torch.Tensor] | None = None,
 ) -> LayerEncoding:
     """Per-layer contexts (and SDXL's pooled embeds) from per-encoder id rows.
 
     Each encoder runs **once**; with `distinct`, on the distinct rows of its ids only (identical
     rows, e.g. the layers of a ``shared`` concept or a prompt without placeholders, are encoded
     once; on CPU every row of a batch equals the row encoded alone, so the values do not change).
-    Training passes ``distinct=False``: gradients of shared rows would be summed in another order,
-    and a run would no longer repeat the last bits of runs before.
+    Training passes ``distinct=False``, so that each batch item keeps its own row (gradients of
+    identical items summed in another order would change the last bits of XTI runs), and says
+    which layers share a row with `row_index` instead (``shared`` mode: B rows, not L·B).
 
     Args:
         family: the model family.
@@ -547,6 +549,9 @@ def encode_layers(
         around_call: ``(part) -> context manager`` entered around each encoder call (inference
             installs its concept table and LoRA scale there).
         distinct: encode identical rows once.
+        row_index: per encoder, ``[R]`` indices into the rows of its ids when those hold only the
+            rows that differ (``[S, R', B, T]``, R' ≤ R): output row r is encoded row
+            ``row_index[r]``. Encoders not named here hold all R rows.
     """
     hidden: dict[str, torch.Tensor] = {}
     eos: torch.Tensor | None = None
@@ -567,9 +572,14 @@ def encode_layers(
             h, e = family.encoder_states(part, run_ids, mask, clip_skip)
         if back is not None:
             h, e = h[back.to(h.device)], (e[back.to(e.device)] if e is not None else None)
-        hidden[part.name] = h.view(*shape[:3], *h.shape[1:])
+        h = h.view(*shape[:3], *h.shape[1:])
+        e = e.view(*shape[:3], -1) if e is not None else None
+        if row_index is not None and part.name in row_index:
+            rows = row_index[part.name].to(h.device)
+            h, e = h.index_select(1, rows), (e.index_select(1, rows) if e is not None else None)
+        hidden[part.name] = h
         if e is not None:
-            eos = e.view(*shape[:3], -1)
+            eos = e
         calls = max(calls, len(run_ids))
     contexts, pooled = family.finish(
         hidden, eos, parts, num_layers=num_layers, pool_row=pool_row, clip_skip=clip_skip

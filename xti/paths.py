@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 from xti.errors import XTIError
@@ -65,7 +66,9 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
-    """Check that `path` is a folder or can be created as one (nothing is created).
+    """Check that `path` is a folder or can be created as one (nothing is left behind: an empty
+    probe folder is made and removed in the nearest existing folder, since permission bits do not
+    tell, e.g. for root under ``/proc``).
 
     Raises:
         XTIError: the path or one of its parents is a file, or the nearest existing parent is not
@@ -79,6 +82,13 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
         raise XTIError(f"{what} {p} cannot be created: {existing} is a file; choose another folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise XTIError(f"{what} {p} cannot be created or written: {existing} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".xti-probe-", dir=existing))
+    except OSError as err:
+        raise XTIError(
+            f"{what} {p} cannot be created or written: making a folder in {existing} fails "
+            f"({err.strerror or err}); choose another folder"
+        ) from None
     return p
 
 

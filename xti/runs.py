@@ -4,7 +4,9 @@ This module owns:
 
 * **Run identity.** Every run has a random ``run_id`` (kept when it is resumed) and a fingerprint
   (`run_fingerprint`): placeholder, n_vectors, granularity, model family, a digest of the model's
-  weights and its text-encoder vocabulary size, seed, effective batch, lr and schedule. Each
+  weights and its text-encoder vocabulary size, the training scheduler's settings (prediction type,
+  noise schedule), seed, effective batch, lr and schedule, and what else shapes the objective
+  (``kde.*``, ``train.snr_gamma``, ``train.noise_offset``). Each
   checkpoint carries both; `compare_fingerprints` refuses a resume whose fingerprint differs,
   naming the fields (``train.resume_force=true`` accepts it and logs the difference).
 * **The output folder.** `check_output_folder` (before anything loads) refuses a folder that is a
@@ -114,7 +116,31 @@ def model_identity(bundle: Any) -> dict[str, Any]:
         "model.family": bundle.family.name,
         "model.weights": h.hexdigest(),
         "model.vocab_size": vocab,
+        **scheduler_identity(bundle.noise_scheduler),
     }
+
+
+SCHEDULER_KEYS = (
+    "prediction_type",
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "rescale_betas_zero_snr",
+)
+"""Training-scheduler settings that change the objective (the target and the noise levels)."""
+
+
+def scheduler_identity(scheduler: Any) -> dict[str, Any]:
+    """The training scheduler's part of the fingerprint: ``scheduler.<key>`` for `SCHEDULER_KEYS`
+    (and a digest of ``trained_betas`` when the config lists them)."""
+    config = scheduler.config
+    out = {f"scheduler.{key}": config.get(key) for key in SCHEDULER_KEYS}
+    betas = config.get("trained_betas")
+    if betas is not None:
+        digest = hashlib.blake2b(json.dumps(list(betas)).encode(), digest_size=8).hexdigest()
+        out["scheduler.trained_betas"] = digest
+    return out
 
 
 def effective_lr(train_cfg: Any, world: int) -> float:
@@ -136,6 +162,9 @@ def run_fingerprint(cfg: Any, identity: dict[str, Any], *, world: int) -> dict[s
         "train.lr": effective_lr(tc, world),
         "train.lr_scheduler": tc.lr_scheduler,
         "train.lr_warmup_steps": tc.lr_warmup_steps,
+        "train.snr_gamma": tc.snr_gamma,
+        "train.noise_offset": tc.noise_offset,
+        **{f"kde.{key}": value for key, value in cfg.kde.model_dump().items()},
     }
     if named(identity["model.family"]).has_pool_slot:
         fp["xti.pooled"] = cfg.xti.pooled
