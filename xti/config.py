@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from xti.errors import XTIError
@@ -405,6 +406,21 @@ class Config(_Section):
             if dup is not None:
                 raise ValueError(f"two concepts have the {what} {dup!r}; give each its own")
         return v
+
+    @model_validator(mode="after")
+    def _concepts_or_concept(self) -> Config:
+        """With `concepts:`, the one-concept fields (`concept`, `name`, `data.dir`/`data.dataset`)
+        must stay unset: each concept has its own."""
+        if self.concepts is None:
+            return self
+        given = [k for k in ("concept", "name") if k in self.model_fields_set]
+        given += [f"data.{k}" for k in ("dir", "dataset") if getattr(self.data, k) is not None]
+        if given:
+            raise ValueError(
+                f"with concepts:, {', '.join(given)} must not be set: give each concept its own "
+                "placeholder, initializer, name and data"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
