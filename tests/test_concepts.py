@@ -136,3 +136,45 @@ def test_concepts_config_errors_are_one_line(tiny_model, dots, tmp_path):
     )
     with pytest.raises(XTIError, match=r"concepts\[0\]\.data: .* is not a folder"):
         train_concepts(cfg, bundle=load_model(cfg.model), progress=False)
+
+
+def test_the_train_tab_runs_a_concepts_config_and_shows_every_concept(tiny_model, dots, tmp_path):
+    import time
+
+    import yaml
+
+    from xti.ui.train import TrainForm, TrainJob, checked_config, form_from_config, overrides
+    from xti.ui.train_tab import _loss_frame
+
+    base = tmp_path / "two.yaml"
+    base.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "ui"), "model": {"path": str(tiny_model)},
+        "concepts": [
+            {"placeholder": "<box>", "initializer": "box", "data": str(DATA)},
+            {"name": "dots", "placeholder": "<dot>", "initializer": "dot", "data": str(dots)},
+        ],
+        "train": {"resolution": 32, "batch_size": 2, "lr": 0.01, "lr_warmup_steps": 0},
+        "validation": {"num_inference_steps": 2},
+    }))  # fmt: skip
+    values = form_from_config(str(base))
+    assert (values["placeholder"], values["images"]) == ("<box>", str(DATA))  # the first concept's
+    form = TrainForm(config=str(base), steps=3, validate_every=3, seeds="0", **{
+        k: values[k] for k in ("model", "images", "placeholder", "initializer")
+    })  # fmt: skip
+    sent = overrides(form)
+    assert not [o for o in sent if o.startswith(("concept.", "data.dir=", "name="))]
+    assert [c.placeholder for c in checked_config(form).concepts] == ["<box>", "<dot>"]
+
+    job = TrainJob()
+    job.start(form)
+    deadline = time.time() + 120
+    while job.running and time.time() < deadline:
+        time.sleep(0.5)
+    snap = job.progress()
+    assert not snap.failed, snap.log
+    assert snap.step == 3 and snap.max_steps == 3
+    assert {r["concept"] for r in snap.metrics} == {"box", "dots"}
+    assert set(_loss_frame(snap.metrics)["series"]) == {"box", "dots"}
+    assert snap.grid is not None and snap.grid.parent.parent.name in ("box", "dots")
+    assert "wrote" in snap.state and "box.xti.safetensors" in snap.state
+    assert "dots.xti.safetensors" in snap.state
