@@ -145,24 +145,28 @@ def main() -> None:
             settings.append(Setting("sd15", "configs/sd15.yaml", model, args.sd15_resolution, 1))
         else:
             ap.error(f"unknown model {label!r} (demo, sd15)")
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    rows = []
-    for s in settings:
+    print(f"load average before: {load()}", flush=True)
+    print("| model | resolution | batch | K | steps each | arm | wall s | s per concept-step "
+          "(wall) | median step s | load average after |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    ratios = []
+    for s in settings:  # each model's rows as soon as they are measured
         steps = args.sd15_steps if s.label == "sd15" else args.steps
         with tempfile.TemporaryDirectory(prefix="xti-bench-concepts-") as tmp:
             one, sep = bench(s, args.k, steps, Path(tmp))
-        rows.append((s, steps, one, sep))
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| model | resolution | batch | K | steps each | arm | wall s | s per concept-step "
-          "(wall) | median step s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for s, steps, one, sep in rows:
         for arm_name, arm in (("one run, K concepts", one), ("K separate runs", sep)):
             per = arm.wall / (args.k * steps)
             print(f"| {s.label} | {s.resolution} | {s.batch} | {args.k} | {steps} | {arm_name} | "
-                  f"{arm.wall:.1f} | {per:.2f} | {arm.median_step:.3f} |")  # fmt: skip
-    for s, _, one, sep in rows:
-        print(f"{s.label}: one run / separate runs wall-time ratio: {one.wall / sep.wall:.2f}")
+                  f"{arm.wall:.1f} | {per:.2f} | {arm.median_step:.3f} | {load()} |", flush=True)  # fmt: skip
+        ratios.append(
+            f"{s.label}: one run / separate runs wall-time ratio: {one.wall / sep.wall:.2f}"
+        )
+    print("\n".join(ratios))
+
+
+def load() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

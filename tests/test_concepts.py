@@ -5,6 +5,8 @@ and config errors work per concept."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from xti.callbacks import CheckpointSaved, TrainCallback
 from xti.concepts import concept_configs, read_index, train_concepts
 from xti.config import load_config
 from xti.errors import XTIError
 from xti.export import load_embedding_file
 from xti.models import load_model
+from xti.runs import RunInterrupted
 from xti.training import train
 
 DATA = Path(__file__).parents[1] / "data" / "tiny-concept"
@@ -88,12 +92,24 @@ def test_two_concepts_in_one_run_equal_two_one_concept_runs(tiny_model, dots, tm
         ("dots", "finished", 4),
     ]
 
-    # stopped after 2 steps and resumed (train.resume=latest, each concept from its own folder)
+    # SIGINT while the first concept saves its step-2 checkpoint: the round finishes, every
+    # concept saves a checkpoint and its vectors; train.resume=latest (each concept from its own
+    # folder) then ends where the straight run ended
     cfg = two_concepts(
         tiny_model, tmp_path / "resumed", dots, "train.checkpoint_every=2", start=start
     )
-    stopped = train_concepts(cfg, progress=False, stop_at_step=2)
-    assert all(r.output_file is None for r in stopped.results.values())
+
+    class Interrupt(TrainCallback):
+        def on_checkpoint_saved(self, event: CheckpointSaved) -> None:
+            if event.step == 2 and event.path.parent.parent.name == "box":
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
+        train_concepts(cfg, progress=False, callbacks=[Interrupt()])
+    for name in ("box", "dots"):
+        folder = tmp_path / "resumed" / name
+        assert (folder / f"{name}.interrupted.xti.safetensors").is_file()
+        assert [c.name for c in (folder / "checkpoints").iterdir()] == ["step-000002"]
     again = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": "latest"})})
     resumed = train_concepts(again, progress=False)
     for name in ("box", "dots"):
