@@ -174,7 +174,7 @@ def test_the_train_tab_runs_a_concepts_config_and_shows_every_concept(tiny_model
     }))  # fmt: skip
     values = form_from_config(str(base))
     assert (values["placeholder"], values["images"]) == ("<box>", str(DATA))  # the first concept's
-    form = TrainForm(config=str(base), steps=3, validate_every=3, seeds="0", **{
+    form = TrainForm(config=str(base), steps=3, validate_every=3, seeds="0", output_dir=str(tmp_path / "ui"), **{
         k: values[k] for k in ("model", "images", "placeholder", "initializer")
     })  # fmt: skip
     sent = overrides(form)
