@@ -160,6 +160,21 @@ def test_bad_csv_and_cli_errors_are_one_line(tmp_path, capsys):
     manifest = write_manifest(tmp_path)
     assert main(["batch", str(manifest), "--out", str(tmp_path), "--set", "train.lrr=1"]) == 2
     assert "--set: 'train.lrr' is not a config key" in capsys.readouterr().err
+    assert main(["batch", str(manifest), "--out", str(tmp_path), "--workers", "2", "--slurm"]) == 2
+    assert "choose one of --workers, --gpus, --slurm" in capsys.readouterr().err
+    assert main(["batch", str(manifest), "--out", str(tmp_path), "--dry-run"]) == 2
+    assert "--dry-run goes with --slurm" in capsys.readouterr().err
+
+
+def test_the_shipped_demo_manifest_resolves(tmp_path):
+    path = REPO / "configs" / "batch" / "demo-objects.yaml"
+    assert path.read_text().startswith(f"# xti batch configs/batch/{path.name} --out ")
+    plan = batch.load_manifest(path)
+    assert plan.base == path.parent / "../demo.yaml"
+    for row in plan.rows:
+        cfg = batch.row_config(plan, row, tmp_path)
+        assert cfg.name == row.name and Path(cfg.data.dir).name == row.name
+        assert all(cfg.concept.placeholder in p for p in cfg.validation.prompts)
 
 
 # ------------------------------------------------------------------------------- running
@@ -260,10 +275,11 @@ def test_an_interrupted_row_resumes_and_a_fixed_row_is_retried(local_run, tmp_pa
 
 
 def test_workers_split_the_rows_and_give_the_same_files(local_run, tmp_path):
-    manifest, ref, _, _, _ = local_run
+    _, ref, _, _, _ = local_run
     out = tmp_path / "out"
-    assert main(["batch", str(manifest), "--out", str(out), "--workers", "2", "--no-progress"]) == 1
-    assert (out / "results.csv").read_text().count(",done,") == 2
+    manifest = write_manifest(tmp_path, rows=[ROWS[0], ROWS[2]])  # a good row for each worker
+    assert main(["batch", str(manifest), "--out", str(out), "--workers", "2", "--no-progress"]) == 0
+    assert [r["status"] for r in csv.DictReader((out / "results.csv").open())] == ["done"] * 2
     for name in ("cross", "diamond"):
         a = vectors(out / name / f"{name}.xti.safetensors")
         b = vectors(ref / name / f"{name}.xti.safetensors")
@@ -280,3 +296,65 @@ def test_slurm_dry_run_writes_an_array_of_the_unfinished_rows(local_run, tmp_pat
     assert '--only-index "$SLURM_ARRAY_TASK_ID"' in script and "--signal=B:TERM@" in script
     assert "--table" in (out / "slurm" / "table.sbatch").read_text()
     assert "submit with: sbatch" in capsys.readouterr().out
+
+
+def _table_without_time(path: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(path.open())]
+
+
+@pytest.mark.slow  # four processes (three array tasks and the table job) on a local cluster
+def test_slurm_job_array_gives_the_same_files_as_the_local_run(
+    local_run, slurm_cluster, tmp_path, monkeypatch, capsys
+):
+    import re
+
+    manifest, ref, _, _, _ = local_run
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    assert main(["batch", str(manifest), "--out", str(out), "--slurm", "--no-progress"]) == 0
+    found = re.search(r"job array (\d+) \(3 rows\) and table job (\d+)", capsys.readouterr().out)
+    assert found, "xti batch --slurm names the jobs it submitted"
+    array_id, table_id = found.groups()
+    table_state = slurm_cluster.wait(table_id, timeout=600)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "slurm").glob("*.out")))
+    # the broken row's task and the table job (a row failed) exit 1; the others complete
+    assert slurm_cluster.wait(array_id) == {
+        f"{array_id}_0": "COMPLETED", f"{array_id}_1": "FAILED", f"{array_id}_2": "COMPLETED"
+    }, logs  # fmt: skip
+    assert table_state == {table_id: "FAILED"}, logs
+    assert _table_without_time(out / "results.csv") == _table_without_time(ref / "results.csv")
+    for name in ("cross", "diamond"):
+        listed = sorted(str(p.relative_to(out / name)) for p in (out / name).rglob("*"))
+        assert listed == sorted(str(p.relative_to(ref / name)) for p in (ref / name).rglob("*"))
+        a = vectors(out / name / f"{name}.xti.safetensors")
+        b = vectors(ref / name / f"{name}.xti.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (out / "slurm" / f"table-{table_id}.out").read_text() == (out / "results.md").read_text()
+
+
+def test_a_bad_value_is_its_rows_line_of_the_table(tmp_path, capsys):
+    rows = [{"name": "ok"}, {"name": "bad", "train.lr": -1}]
+    manifest = write_manifest(tmp_path, rows=rows)
+    out = tmp_path / "out"
+    assert main(["batch", str(manifest), "--out", str(out), "--table"]) == 1
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["name"], r["status"]) for r in table] == [("ok", "pending"), ("bad", "failed")]
+    error = table[1]["error"]
+    assert (
+        f"{manifest} row 2 (bad): " in error and "train.lr: Input should be greater than 0" in error
+    )
+    assert "| bad | failed |" in capsys.readouterr().out
+
+
+def test_worker_devices_and_row_indices():
+    assert batch.worker_devices(None, "0, 1") == ["0", "1"]
+    assert batch.worker_devices(3, None) == [None] * 3
+    with pytest.raises(XTIError, match="--workers must be >= 1"):
+        batch.worker_devices(0, None)
+    with pytest.raises(XTIError, match="--gpus: expected GPU numbers"):
+        batch.worker_devices(None, ",")
+    assert batch.parse_index_list("2", 3) == [2] and batch.parse_index_list("0,2", 3) == [0, 2]
+    with pytest.raises(XTIError, match="rows are numbered 0 to 2, got '3'"):
+        batch.parse_index_list("3", 3)
+    with pytest.raises(XTIError, match="expected row numbers"):
+        batch.parse_index_list("a", 3)

@@ -26,7 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,8 +300,11 @@ class RowResult:
 
 
 def row_key(plan: BatchPlan, row: BatchRow, cfg: Config | None) -> str:
-    """What a recorded failure was about: the resolved config (or the row's text when it had none)."""
-    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True) if cfg else repr(row)
+    """What a recorded failure was about: the resolved config but its folder (however ``--out`` was
+    spelled), or the row's text when it had no config."""
+    text = repr(row)
+    if cfg is not None:
+        text = json.dumps(cfg.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
 
 
@@ -532,16 +535,17 @@ class BatchOptions:
         return args
 
 
-Say = Any  # a print-like callable
+Say = Callable[[str], None]
+"""Where progress lines go (`print` by default)."""
 
 
-def _train_row(plan: BatchPlan, row: BatchRow, cfg: Config, cache: ModelCache) -> None:
+def _train_row(cfg: Config, cache: ModelCache, *, progress: bool) -> None:
     """Train one row (in this process, with the cached model when it fits)."""
     from xti.training import train
 
     bundle = cache.bundle_for(cfg)
     try:
-        train(cfg, bundle=bundle, progress=False)
+        train(cfg, bundle=bundle, progress=progress)
     except XTIError:
         cache.after_run(clean=True)  # input errors are found before anything is changed
         raise
@@ -571,7 +575,7 @@ def run_row(
     key = row_key(plan, row, cfg)
     t0 = time.perf_counter()
     try:
-        _train_row(plan, row, cfg, cache)
+        _train_row(cfg, cache, progress=opts.progress)
     except KeyboardInterrupt:
         write_record(out, row.name, {"key": key, "status": "stopped", "error": "interrupted"})
         raise
@@ -612,7 +616,11 @@ def run_batch(
     try:
         for n, row in enumerate(rows, 1):
             before = row_state(plan, row, opts.out)
-            if before.status == "done" or (before.status == "failed" and not opts.retry_failed):
+            if before.status == "running":
+                say(f"[{n}/{len(rows)}] {row.name}: running in another process, left to it")
+            if before.status in ("done", "running") or (
+                before.status == "failed" and not opts.retry_failed
+            ):
                 results.append(before)  # nothing to do: the table says it
                 continue
             say(f"[{n}/{len(rows)}] {row.name}: training")

@@ -61,16 +61,16 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         raise XTIError("--dry-run goes with --slurm (it writes the sbatch scripts only)")
     if args.slurm:
         return _batch_slurm(plan, opts, args)
-    indices = None
-    if args.only_index is not None:
-        indices = batch.parse_index_list(args.only_index, len(plan.rows))
-        results = batch.run_batch(plan, opts, indices=indices)
-    elif args.workers is not None or args.gpus is not None:
-        results = batch.run_workers(plan, opts, batch.worker_devices(args.workers, args.gpus))
-    elif args.table:
-        results = batch.write_table(plan, opts.out)
-    else:
-        results = batch.run_batch(plan, opts)
+    with _progress_bars(not args.no_progress):
+        if args.only_index is not None:
+            indices = batch.parse_index_list(args.only_index, len(plan.rows))
+            results = batch.run_batch(plan, opts, indices=indices)
+        elif args.workers is not None or args.gpus is not None:
+            results = batch.run_workers(plan, opts, batch.worker_devices(args.workers, args.gpus))
+        elif args.table:
+            results = batch.write_table(plan, opts.out)
+        else:
+            results = batch.run_batch(plan, opts)
     table = batch.gather(plan, opts.out)
     print(batch.table_markdown(table), end="")
     return batch.exit_status(results)
