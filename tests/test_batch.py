@@ -236,6 +236,9 @@ def test_second_invocation_only_prints_the_table(local_run, capsys):
     assert code == 1
     assert printed == (out / "results.md").read_text(), "nothing but the table"
     assert files_and_mtimes(out) == before, "no file written, none retrained"
+    assert main(["batch", str(manifest), "--out", str(out), "--slurm"]) == 1
+    assert capsys.readouterr().out.startswith("nothing to submit: every row is done or failed")
+    assert files_and_mtimes(out) == before
 
 
 def test_batch_vectors_equal_train_one_by_one(local_run, tmp_path):

@@ -124,12 +124,14 @@ def _check_key(key: str, where: str) -> None:
 
 def _yaml_value(value: Any) -> str:
     """A YAML value as override text that `load_config` parses back to the same value."""
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, default=str)  # YAML dates become text
 
 
 def _row(index: int, cells: dict[str, Any], where: str, *, typed: bool) -> BatchRow:
     """One manifest row: a valid name and known keys, else a one-line error naming the row."""
     name = cells.get("name")
+    if isinstance(name, int | float) and not isinstance(name, bool):
+        name = str(name)  # YAML reads `name: 2024` as a number
     label = f"{where}: concepts row {index + 1}"
     if not isinstance(name, str) or not name.strip():
         raise XTIError(f"{label}: needs a name (a plain file name, e.g. mug)")
@@ -169,9 +171,16 @@ def _plan(
     return BatchPlan(manifest, base_path, tuple(overrides), tuple(rows))
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise XTIError(f"{path}: cannot be read as UTF-8 text ({err})") from None
+
+
 def _read_yaml(path: Path) -> tuple[str | None, list[str], list[BatchRow]]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(_text(path))
     except yaml.YAMLError as err:
         raise XTIError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -197,7 +206,7 @@ def _read_csv(path: Path) -> tuple[str | None, list[str], list[BatchRow]]:
     """CSV: leading ``# base: PATH`` and ``# override: KEY=VALUE`` lines, then a header row
     (``name`` and dotted keys) and one row per concept. Cells are YAML values; empty cells set
     nothing."""
-    lines = path.read_text().splitlines()
+    lines = _text(path).splitlines()
     base, overrides = None, []
     while lines and (lines[0].startswith("#") or not lines[0].strip()):
         key, sep, value = lines.pop(0).lstrip("#").strip().partition(":")

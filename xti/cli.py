@@ -79,11 +79,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 def _batch_slurm(plan: Any, opts: Any, args: argparse.Namespace) -> int:
     from xti import batch
 
-    scripts = batch.write_slurm(plan, opts, sbatch_options=args.sbatch_option or [])
-    if not scripts.indices:
+    if not batch.pending_indices(plan, opts.out, retry_failed=opts.retry_failed):
         print("nothing to submit: every row is done or failed (--retry-failed retries those)")
-        print(batch.table_markdown(batch.write_table(plan, opts.out)), end="")
-        return 0
+        table = batch.write_table(plan, opts.out)
+        print(batch.table_markdown(table), end="")
+        return batch.exit_status(table)
+    scripts = batch.write_slurm(plan, opts, sbatch_options=args.sbatch_option or [])
     if args.dry_run:
         print(f"wrote {scripts.array} (rows {','.join(map(str, scripts.indices))})")
         print(f"wrote {scripts.table}")
