@@ -277,11 +277,15 @@ def test_an_interrupted_row_resumes_and_a_fixed_row_is_retried(local_run, tmp_pa
     assert batch.pending_indices(plan, out, retry_failed=True) == [1, 2]
 
 
-def test_workers_split_the_rows_and_give_the_same_files(local_run, tmp_path):
+def test_workers_split_the_rows_and_give_the_same_files(local_run, tmp_path, capsys):
+    """``--gpus 0,1``: one worker process per GPU (on this CPU machine CUDA_VISIBLE_DEVICES changes
+    nothing else; ``--workers 2`` is the same split without it)."""
     _, ref, _, _, _ = local_run
     out = tmp_path / "out"
     manifest = write_manifest(tmp_path, rows=[ROWS[0], ROWS[2]])  # a good row for each worker
-    assert main(["batch", str(manifest), "--out", str(out), "--workers", "2", "--no-progress"]) == 0
+    assert main(["batch", str(manifest), "--out", str(out), "--gpus", "0,1", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "GPU 0: rows cross\n" in said and "GPU 1: rows diamond\n" in said
     assert [r["status"] for r in csv.DictReader((out / "results.csv").open())] == ["done"] * 2
     for name in ("cross", "diamond"):
         a = vectors(out / name / f"{name}.xti.safetensors")
