@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from slurm_cluster import FINAL_STATES
+
+from xti import runs
+
+REPO = Path(__file__).parents[1]
+
 
 def test_local_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
     script = tmp_path / "hello.sbatch"
@@ -13,3 +30,150 @@ def test_local_cluster_runs_a_two_task_job(slurm_cluster, tmp_path):
     lines = sorted((tmp_path / f"out-{job}.txt").read_text().splitlines())
     assert lines == ["task 0 of 2", "task 1 of 2"]
     assert f"JobId={job} " in slurm_cluster.jobcomp.read_text()
+
+
+def test_a_repeated_sigterm_is_the_same_stop_and_a_sigint_still_stops_at_once():
+    """Slurm signals every process of a step and torchrun forwards the same SIGTERM to its workers:
+    the second copy must not turn the stop at the step boundary into a stop mid-step."""
+    with runs.StopSignals() as stop:
+        stop.enter_step()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # no RunInterrupted mid-step
+        stop.leave_step()
+        with pytest.raises(runs.RunInterrupted) as err:
+            stop.check()
+        assert err.value.signum == signal.SIGTERM and stop.at_boundary
+    with runs.StopSignals() as stop:
+        stop.enter_step()
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(runs.RunInterrupted) as err:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the scheduler's SIGTERM: at once
+        assert not stop.at_boundary
+
+
+# ----------------------------------------------------------------------------- the sbatch templates
+
+TEMPLATES = REPO / "slurm"
+MAX_STEPS = 10
+
+
+def render(template: str, dest: Path, **options: str | None) -> Path:
+    """``slurm/<template>`` with some ``#SBATCH --key=value`` lines changed (``None`` drops one):
+    what this GPU-less one-node cluster needs instead of a GPU cluster's values. The body is the
+    template's own, so a test of the rendered script tests the template."""
+    lines, seen = [], set()
+    for line in (TEMPLATES / template).read_text().splitlines():
+        m = re.match(r"#SBATCH --([\w-]+)=", line)
+        key = m.group(1).replace("-", "_") if m else None
+        if key in options:
+            seen.add(key)
+            if options[key] is None:
+                continue
+            line = f"#SBATCH --{m.group(1)}={options[key]}"
+        lines.append(line)
+    assert seen == set(options), f"{template} has no #SBATCH line for {set(options) - seen}"
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """What a job needs here: this venv first on PATH, gloo on CPU, one thread, this test's cache."""
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        "PATH": f"{venv_bin}:{os.environ['PATH']}",
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "XTI_DIR": str(REPO),
+        "XTI_LATENT_CACHE": os.environ["XTI_LATENT_CACHE"],
+        **extra,
+    }
+
+
+def train_args(model: Path, out: Path, batch: int = 1) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "tiny.yaml"), "name=box", f"model.path={model}",
+        f"data.dir={REPO / 'data' / 'tiny-concept'}", f"output_dir={out}",
+        "concept.placeholder=<box>", "concept.initializer=box", "train.resolution=32",
+        f"train.batch_size={batch}", f"train.max_steps={MAX_STEPS}", "train.lr=0.01",
+        "train.seed=5", "train.checkpoint_every=1", "kde.weight=0.5", "tracking.report_to=none",
+    ]  # fmt: skip
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def wait_for(path: Path, cluster, job: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        states = set(cluster.job_states(job).values())
+        assert time.monotonic() < deadline and not states & FINAL_STATES, (job, states)
+        time.sleep(0.1)
+
+
+def release_when_requeued(cluster, job: str, timeout: float = 120) -> None:
+    """A requeued job waits (Reason=BeginTime) before it may start again; start it now."""
+    deadline = time.monotonic() + timeout
+    while cluster.job_states(job).get(job) != "PENDING":
+        assert time.monotonic() < deadline, cluster.job_states(job)
+        time.sleep(0.2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+@pytest.mark.slow
+def test_preempted_jobs_continue_bit_identically_with_no_file_lost_or_doubled(
+    slurm_cluster, tiny_model, tmp_path
+):
+    """Three 2-process jobs from the templates: one runs straight through; one (one-node.sbatch,
+    accelerate launch) is requeued from outside (`scontrol requeue`: SIGTERM to every process,
+    then requeued); one (multi-node.sbatch, 2 tasks x torchrun, c10d) gets the early USR1 of its
+    time limit and requeues itself. Both continue with train.resume=auto."""
+    cpu = {"gres": None, "cpus_per_task": None, "time": None}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    one_node = render("one-node.sbatch", tmp_path / "one-node.sbatch", **cpu,
+                      output=f"{logs}/%x-%j.out")  # fmt: skip
+    multi = render("multi-node.sbatch", tmp_path / "multi-node.sbatch", **cpu, nodes="1",
+                   ntasks_per_node="2", output=f"{logs}/%x-%j.out")  # fmt: skip
+    outs = {name: tmp_path / name for name in ("straight", "requeued", "signalled")}
+    submit = slurm_cluster.sbatch
+    jobs = {
+        "straight": submit(one_node, script_args=train_args(tiny_model, outs["straight"]), cwd=tmp_path,
+                           env=job_env(XTI_PROCESSES="2")),
+        "requeued": submit(one_node, script_args=train_args(tiny_model, outs["requeued"]), cwd=tmp_path,
+                           env=job_env(XTI_PROCESSES="2")),
+        "signalled": submit(multi, script_args=train_args(tiny_model, outs["signalled"]), cwd=tmp_path,
+                            env=job_env(XTI_PROCESSES_PER_NODE="1")),
+    }  # fmt: skip
+
+    wait_for(outs["requeued"] / "checkpoints" / "step-000002", slurm_cluster, jobs["requeued"])
+    slurm_cluster.run("scontrol", "requeue", jobs["requeued"])
+    wait_for(outs["signalled"] / "checkpoints" / "step-000002", slurm_cluster, jobs["signalled"])
+    slurm_cluster.run(
+        "scancel", "--batch", "--signal=USR1", jobs["signalled"]
+    )  # = --signal=B:USR1@T
+    for name in ("requeued", "signalled"):
+        release_when_requeued(slurm_cluster, jobs[name])
+    for job in jobs.values():
+        log = next(logs.glob(f"*-{job}.out"))
+        assert slurm_cluster.wait(job, timeout=240) == {job: "COMPLETED"}, log.read_text()[-3000:]
+
+    straight = load_file(str(outs["straight"] / "box.xti.safetensors"))
+    for name in ("requeued", "signalled"):
+        text = next(logs.glob(f"*-{jobs[name]}.out")).read_text()
+        assert "start 0," in text and "start 1," in text, text[-3000:]  # ran twice
+        stopped = re.findall(r"interrupted at step (\d+);", text)
+        assert len(stopped) == 1 and 2 <= int(stopped[0]) < MAX_STEPS, text[-3000:]
+        vectors = load_file(str(outs[name] / "box.xti.safetensors"))
+        assert vectors.keys() == straight.keys()
+        for k in straight:
+            assert torch.equal(vectors[k], straight[k]), (name, k)
+        # every file of the straight run, once; beside them only the vectors saved at the stop
+        extra = set(listing(outs[name])) - set(listing(outs["straight"]))
+        assert extra == {"box.interrupted.xti.safetensors"}, (name, extra)
+        assert set(listing(outs["straight"])) <= set(listing(outs[name]))
+        summary = json.loads((outs[name] / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == MAX_STEPS
+        owner = json.loads((outs[name] / "xti-run.json").read_text())
+        assert owner["status"] == "finished" and owner["resumed_from"], owner
