@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 from slurm_cluster import FINAL_STATES
 
 from xti import runs
+from xti.config import load_config
+from xti.training import train
 
 REPO = Path(__file__).parents[1]
 
@@ -177,3 +180,39 @@ def test_preempted_jobs_continue_bit_identically_with_no_file_lost_or_doubled(
         assert summary["world_size"] == 2 and summary["steps"] == MAX_STEPS
         owner = json.loads((outs[name] / "xti-run.json").read_text())
         assert owner["status"] == "finished" and owner["resumed_from"], owner
+
+
+@pytest.mark.slow
+def test_array_template_trains_one_concept_per_task_as_a_local_run_would(
+    slurm_cluster, tiny_model, tmp_path
+):
+    """slurm/array.sbatch: task i trains line i+1 of the list (shell quoting kept) with the shared
+    arguments; each result equals the same run made here."""
+    concepts = {
+        "mug": 'concept.placeholder="<mug>" concept.initializer="red box"',
+        "lamp": "concept.placeholder='<lamp>' concept.initializer=circle train.seed=7",
+    }
+    listed = tmp_path / "concepts.txt"
+    listed.write_text(
+        "".join(f"name={n} output_dir={tmp_path / n} {o}\n" for n, o in concepts.items())
+    )
+    config = REPO / "configs" / "tiny.yaml"
+    common = [f"model.path={tiny_model}", f"data.dir={REPO / 'data' / 'tiny-concept'}",
+              "train.resolution=32", "train.batch_size=1", "train.max_steps=2", "train.lr=0.01",
+              "kde.weight=0", "tracking.report_to=none"]  # fmt: skip
+    script = render("array.sbatch", tmp_path / "array.sbatch", gres=None, cpus_per_task=None,
+                    time=None, output=f"{tmp_path}/%x-%A_%a.out")  # fmt: skip
+    job = slurm_cluster.sbatch(
+        script, script_args=[listed, "--config", config, *common], cwd=tmp_path, env=job_env()
+    )
+    states = slurm_cluster.wait(job, timeout=180)
+    logs = "".join(p.read_text() for p in tmp_path.glob("xti-array-*.out"))
+    assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "COMPLETED"}, logs[-3000:]
+
+    for name, opts in concepts.items():
+        here = [*common, f"name={name}", f"output_dir={tmp_path / name}-here", *shlex.split(opts)]
+        local = train(load_config(config, here), progress=False)
+        got = load_file(str(tmp_path / name / f"{name}.xti.safetensors"))
+        want = load_file(str(local.output_file))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
