@@ -27,7 +27,7 @@ from xti.training import train
 REPO = Path(__file__).parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-MAX_STEPS = 8
+MAX_STEPS = 12
 
 
 def overrides(model: Path, out: Path, batch: int, *extra: str) -> list[str]:
