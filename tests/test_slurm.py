@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,18 @@ def release_when_requeued(cluster, job: str, timeout: float = 120) -> None:
         assert time.monotonic() < deadline, cluster.job_states(job)
         time.sleep(0.2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+@pytest.mark.parametrize("template", ["one-node.sbatch", "multi-node.sbatch", "array.sbatch"])
+def test_every_template_is_preemptible_and_resumes(template):
+    """Without a cluster too: each template parses, asks for the early signal it traps, a requeue
+    and an appended log, and continues its run (train.resume=auto)."""
+    text = (TEMPLATES / template).read_text()
+    assert subprocess.run(["bash", "-n", str(TEMPLATES / template)]).returncode == 0
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, flags=re.M))
+    assert sbatch["signal"].startswith("B:USR1@") and "trap " in text and " USR1" in text
+    assert "requeue" in sbatch and sbatch["open-mode"] == "append"
+    assert '"$@"' in text and "train.resume=auto" in text
 
 
 @pytest.mark.slow
