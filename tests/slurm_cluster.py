@@ -33,7 +33,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +95,13 @@ class SlurmCluster:
         *args: str | Path,
         cwd: str | Path | None = None,
         env: Mapping[str, str] | None = None,
+        script_args: Sequence[str | Path] = (),
     ) -> str:
-        """Submit ``script`` with extra sbatch options before it (the job runs in ``cwd`` and sees
-        `self.env` plus ``env``); return the job id."""
+        """Submit ``script`` with extra sbatch options ``args`` before it and ``script_args`` after
+        it (the job runs in ``cwd`` and sees `self.env` plus ``env``); return the job id."""
         chdir = ["--chdir", str(cwd)] if cwd is not None else []
-        out = self.run("sbatch", "--parsable", *chdir, *args, script, env=env).stdout.strip()
+        cmd = ["sbatch", "--parsable", *chdir, *args, script, *script_args]
+        out = self.run(*cmd, env=env).stdout.strip()
         return out.split(";")[0]
 
     def job_states(self, job_id: str) -> dict[str, str]:

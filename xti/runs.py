@@ -22,7 +22,8 @@ This module owns:
   ``step-NNNNNN.tmp/`` and renamed, so it is complete or absent. `latest_checkpoint` and
   `prune_checkpoints` only consider checkpoints of one run, ordered by step number.
 * **Stop signals.** `StopSignals` turns SIGINT and SIGTERM into `RunInterrupted` at the next step
-  boundary (so a checkpoint can be written from consistent state); a second signal stops at once.
+  boundary (so a checkpoint can be written from consistent state); a second signal stops at once
+  (a repeated SIGTERM does not: a scheduler and a launcher both deliver it).
 """
 
 from __future__ import annotations
@@ -676,8 +677,9 @@ class StopSignals:
     Between `enter_step` and `leave_step` a first signal is only recorded, and `check` raises it
     after the step; outside a step it raises at once (unless `defer_always`, used with several
     processes, where `check` agrees on the stop across ranks so that all stop at the same step). A
-    second signal always raises at once. Handlers are installed only in the main thread, and the
-    previous ones are restored on exit.
+    second signal raises at once, except a repeated SIGTERM (schedulers and launchers deliver the
+    same SIGTERM more than once; SIGKILL after their grace period is their escalation). Handlers
+    are installed only in the main thread, and the previous ones are restored on exit.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -704,10 +706,15 @@ class StopSignals:
         first = self.requested is None
         if first:
             self.requested = signum
+        elif signum == self.requested == signal.SIGTERM:
+            # The same request again, not an escalation: Slurm signals every process of a job
+            # step and a launcher in the step (torchrun, accelerate) forwards it to its workers.
+            return
         if first and (self.in_step or self.defer_always):
             logger.warning(
-                "%s received: stopping after this step (send it again to stop at once)",
+                "%s received: stopping after this step (%s to stop at once)",
                 signal.Signals(signum).name,
+                "SIGINT" if signum == signal.SIGTERM else "send it again",
             )
             return
         raise RunInterrupted(signum)

@@ -53,6 +53,7 @@ from xti.checks import (
 )
 from xti.config import Config
 from xti.data import augment, check_captions, load_images, prompts_per_image
+from xti.distributed import check_world_size
 from xti.embeddings import (
     ConceptSet,
     ConceptVectors,
@@ -344,6 +345,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.dtype = _weight_dtype(self.accelerator.mixed_precision)
         self.world = self.accelerator.num_processes
+        check_world_size(self.world)  # a launcher that formed no group: one line, nothing written
         self.is_main = self.accelerator.is_main_process
         self.run = self.identify_run()
         self.claim_folder()
