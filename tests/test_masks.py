@@ -190,3 +190,19 @@ def test_a_masked_run_uses_the_masked_loss(tmp_path: Path, tiny_model):
         err = (captured[0] - target).pow(2) * weight
         ref = (err.flatten(1).sum(1) / (weight.expand_as(err).flatten(1).sum(1))).mean()
         assert torch.allclose(loss, ref, rtol=1e-5)
+
+
+def test_the_cluttered_demo_concept_is_what_its_generator_draws():
+    from xti.demo.cluttered import NAME, cluttered_concept
+
+    folder = Path(__file__).parents[1] / "data" / "demo-concepts" / NAME
+    images, masks, subjects, _ = cluttered_concept()
+    records = _load(folder)
+    assert len(records) == len(images) == 8
+    for rec, img, mask, lab in zip(records, images, masks, subjects, strict=True):
+        assert rec.image.size == (40, 24) and np.array_equal(np.asarray(rec.image), img)
+        assert np.abs(rec.mask - mask).max() <= 0.51 / 255  # the PNG holds it to 8 bits
+        assert rec.caption == f"a <{NAME}> on a {lab.background} background"
+        # the mask is the cross: orange (striped: shaded) where it is fully on
+        on = np.asarray(rec.image)[rec.mask == 1.0].astype(int)
+        assert len(on) > 50 and (on[:, 0] > on[:, 2]).all()
