@@ -61,8 +61,8 @@ def test_three_sources_in_order_of_precedence(tmp_path: Path, caplog):
     assert np.array_equal(b, np.asarray(_mask(8, 6, (2, 2, 6, 4)), np.float32) / 255)
     assert c.sum() == 8 and c[0].sum() == 8
     assert d is None and "1 of 4 images have no mask" in caplog.text
-    without = load_images(DataConfig(dir=str(tmp_path)))  # masks off: as before
-    assert len(without) == 6
+    without = load_images(DataConfig(dir=str(tmp_path)))  # masks off: as before, with a warning
+    assert len(without) == 6 and "set data.masks=true to use them as masks" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -80,6 +80,14 @@ def test_bad_masks_are_one_line_errors_naming_the_file(tmp_path: Path, make, mes
     with pytest.raises(XTIError, match=message) as err:
         _load(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_mask_column_naming_a_training_image_is_an_error(tmp_path: Path):
+    _rgb(8, 6).save(tmp_path / "a.png")
+    _mask(8, 6, (0, 0, 2, 2)).save(tmp_path / "m.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "mask": "m.png"}))
+    with pytest.raises(XTIError, match=r"the mask of a\.png, m\.png, is itself a training image"):
+        _load(tmp_path)
 
 
 def test_empty_alpha_and_datasets_are_errors(tmp_path: Path):

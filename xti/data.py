@@ -223,6 +223,11 @@ def _load_dir(cfg: DataConfig) -> list[ImageRecord]:
         exts = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
         raise XTIError(f"data.dir {folder} contains no images ({exts}): add some images to it")
 
+    if not cfg.masks and any(p.name.lower().endswith(MASK_SUFFIX) for p in files):
+        logger.warning(
+            "%s holds *%s files, read as training images: set data.masks=true to use them as "
+            "masks", folder, MASK_SUFFIX,
+        )  # fmt: skip
     metadata: dict[str, str | None] | None = None
     if (folder / METADATA_FILE).is_file():
         metadata = _read_metadata(folder, cfg.caption_column)

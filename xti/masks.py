@@ -136,6 +136,13 @@ def attach_masks(records: Sequence[ImageRecord], cfg: DataConfig) -> None:
         )
     folder = Path(cfg.dir).expanduser()
     column = read_mask_column(folder)
+    images = {Path(r.source).resolve() for r in records}
+    for name, mask in column.items():
+        if (folder / mask).resolve() in images:
+            raise XTIError(
+                f"{folder / METADATA_FILE}: the mask of {name}, {mask}, is itself a training image "
+                f"in data.dir: move it to a subfolder or name it {Path(name).stem}{MASK_SUFFIX}"
+            )
     missing = []
     for rec in records:
         rec.mask = find_mask(Path(rec.source), rec, column)

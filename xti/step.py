@@ -3,8 +3,10 @@
 * `step_generator` / `sample_batch`: everything random about a micro-step (which image, which
   augmentation, which prompt, latent sample, noise, timesteps) is a function of ``(seed, micro-step)``
   alone. The *global* batch is drawn and each process takes its slice, so resuming is exact and
-  N processes × B images equal one process × N·B images.
-* `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR).
+  N processes × B images equal one process × N·B images. With aspect-ratio buckets a step's global
+  batch comes from one bucket (`xti.buckets.draw_images`); with masks it carries loss weights.
+* `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR); the
+  masked loss is `xti.masks.masked_mse`.
 * `compute_loss`: encode per-layer contexts (each text encoder runs once, through the per-layer
   encoder inference shares, `xti.embeddings.encode_per_layer`), run the UNet with them.
 * `relative_movement`: how far the vectors moved from their start.
