@@ -3,7 +3,7 @@
     python bench/quality.py                       # 3 objects; 10, 25, 50, 100, 250, 500 steps; 8 seeds
     python bench/quality.py --steps 50,100 --seeds 4 --concepts striped-cross --work-dir /tmp/q --reuse
     python bench/quality.py --smoke               # seconds: 2 steps, 1 seed, XTI only (CI)
-    python bench/quality.py --masks --steps 50,150 --seeds 4 --threads 1   # masks on vs off
+    python bench/quality.py --masks --steps 100,300 --seeds 4 --threads 1  # mask floors 0, 0.1, 1
 
 For each mode (`block` = XTI, `shared` = classic TI through the same code) it trains every object
 concept of --concepts (default: all of `xti.demo.procedural.DEMO_OBJECTS`, each with its config in
@@ -35,8 +35,8 @@ After the table, per object and mode: the first budget at which "recon all" reac
 
 With --masks it measures instead what a mask changes: the cluttered concept
 (`configs/demo-cluttered-cross.yaml`: an orange striped cross among other shapes on 40x24 images,
-aspect-ratio buckets, a mask per image) is trained with its masks (data.mask_floor=0) and without
-them (data.mask_floor=1: every pixel at full weight, the same as no mask), and each budget's snapshot is scored on reconstruction ("a <cluttered-cross> on a … background":
+aspect-ratio buckets, a mask per image) is trained at each --mask-floors value of data.mask_floor
+(default 0, 0.1 and 1; 1 weighs every pixel fully, the same as no mask), and each budget's snapshot is scored on reconstruction ("a <cluttered-cross> on a … background":
 shape, colour, background, and the distance to the cross alone on that background) and editability.
 """
 
@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.9, help="'recon all' level to reach")
     ap.add_argument(
         "--masks", action="store_true", help="the cluttered concept with and without its masks"
+    )
+    ap.add_argument(
+        "--mask-floors", default="0,0.1,1", help="with --masks: data.mask_floor values (1: no mask)"
     )
     add_common_arguments(ap, "outputs/bench-quality")
     args = ap.parse_args()
@@ -164,7 +167,8 @@ def main() -> None:
 
 
 def masks_bench(args) -> None:
-    """--masks: the cluttered concept trained with and without its masks, scored per budget."""
+    """--masks: the cluttered concept trained at each --mask-floors value (1: no mask), scored per
+    budget."""
     import os
 
     os.chdir(REPO)
@@ -173,30 +177,31 @@ def masks_bench(args) -> None:
 
         torch.set_num_threads(args.threads)
     budgets = sorted({int(s) for s in args.steps.split(",")})
+    floors = [float(f) for f in args.mask_floors.split(",")]
     work, seeds, t0 = Path(args.work_dir), list(range(args.seeds)), time.perf_counter()
+    # mask_floor 1 weighs every pixel fully: the same as no mask, while the .mask.png files stay
+    # masks (with data.masks=false they would be read as training images)
     files = {
-        on: Q.train_snapshots(
+        floor: Q.train_snapshots(
             REPO / Q.CLUTTERED_CONFIG,
             budgets,
-            work / ("masks-on" if on else "masks-off"),
-            # without: the same run with the background at full weight (mask_floor 1), so that
-            # the .mask.png files stay masks and are not read as training images
-            [f"data.mask_floor={0.0 if on else 1.0}", *args.overrides],
+            work / f"mask-floor-{floor:g}",
+            [f"data.mask_floor={floor}", *args.overrides],
             reuse=args.reuse,
         )
-        for on in (True, False)
+        for floor in floors
     }
     pipe = load_pipeline("data/demo-model")
     pipe.set_progress_bar_config(disable=True)
     probes = Q.cluttered_probes()
     columns = [c for c in COLUMNS if not c.startswith(("mix", "recon size"))]
     rows = []
-    for on in (True, False):
+    for floor in floors:
         for budget in budgets:
             scores = Q.score_embeddings(
-                pipe, {"<cluttered-cross>": files[on][budget]}, probes, seeds
+                pipe, {"<cluttered-cross>": files[floor][budget]}, probes, seeds
             )
-            label = "mask" if on else "no mask (floor 1)"
+            label = "no mask (floor 1)" if floor == 1 else f"mask, floor {floor:g}"
             rows.append(["cluttered-cross", label, str(budget), *Q.score_cells(scores, columns)])
     print(
         f"trained and scored in {time.perf_counter() - t0:.0f} s ({len(seeds)} seed(s) per prompt)"

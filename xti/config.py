@@ -141,10 +141,10 @@ class DataConfig(_Section):
         description="Weight the loss by each image's mask: metadata.jsonl's `mask` column, a <stem>.mask.png beside it, or its alpha channel (xti.masks).",
     )
     mask_floor: float = Field(
-        0.0,
+        0.1,
         ge=0.0,
         le=1.0,
-        description="Loss weight of masked-out pixels (0: ignored; 1: as if there were no mask).",
+        description="Loss weight of masked-out pixels (0: ignored; 1: as if there were no mask); 0.1 keeps the subject's outline (README, masks).",
     )
 
 

@@ -1,7 +1,10 @@
 """Loss masks (`data.masks`): where each image's mask comes from, its checks, and the masked loss.
 
 A mask says which pixels are the concept: white (1) counts fully, black (0) counts
-`data.mask_floor` (default 0: not at all), grey in between. Per image, the first of:
+`data.mask_floor` (default 0.1), grey in between. At 0 the background's errors do not count at all,
+and nothing holds the subject's outline: on the demo's cluttered cross the masked vectors drew the
+cross too large and, on dark backgrounds, often not as a cross; 0.1 kept more of the shape and kept
+the clutter's colours out as well as 0 did (README, ``bench/quality.py --masks``). Per image, the first of:
 
 1. the ``mask`` column of ``metadata.jsonl`` (a file path relative to `data.dir`);
 2. a ``<stem>.mask.png`` beside the image (such files are then not training images themselves);

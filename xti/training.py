@@ -485,30 +485,44 @@ class Trainer:
         this VAE encoded these pixels before: the VAE is then neither moved nor called), and the
         tokenized prompts."""
         cfg, tc, records = self.cfg, self.tc, self.inputs.records
+        if cfg.data.buckets or cfg.data.masks:
+            return self.prepare_bucketed_data()
+        aug = augment(
+            records,
+            tc.resolution,
+            center_crop=cfg.data.center_crop,
+            random_crops=cfg.data.random_crops,
+            flip_p=cfg.data.flip_p,
+            seed=tc.seed,
+        )
         disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
-        if cfg.data.buckets or cfg.data.masks:  # `xti.buckets`: per bucket, with loss weights
-            cache, report = prepare_latents(
-                records, cfg.data, resolution=tc.resolution, seed=tc.seed, vae=self.bundle.vae,
-                disk=disk if cfg.data.latent_cache else None, device=self.device,
-                progress=self.progress and self.is_main,
-            )  # fmt: skip
-        else:
-            aug = augment(
-                records,
-                tc.resolution,
-                center_crop=cfg.data.center_crop,
-                random_crops=cfg.data.random_crops,
-                flip_p=cfg.data.flip_p,
-                seed=tc.seed,
-            )
-            cache, report = cached_latents(
-                self.bundle.vae,
-                aug,
-                cfg.data.encode_batch_size,
-                cache=disk if cfg.data.latent_cache else None,
-                device=self.device,
-                progress=self.progress and self.is_main,
-            )
+        cache, report = cached_latents(
+            self.bundle.vae,
+            aug,
+            cfg.data.encode_batch_size,
+            cache=disk if cfg.data.latent_cache else None,
+            device=self.device,
+            progress=self.progress and self.is_main,
+        )
+        if self.is_main:
+            logger.info("latents: %s", report.describe())
+        prompts = PromptTable.build(
+            {p.name: p.tokenizer for p in self.parts},
+            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
+            self.plan.tokens,
+        )
+        return RunData(cache, report, prompts)
+
+    def prepare_bucketed_data(self) -> RunData:
+        """`prepare_data` with aspect-ratio buckets or masks: latents per bucket, with the masks'
+        loss weights (`xti.buckets.prepare_latents`)."""
+        cfg, tc, records = self.cfg, self.tc, self.inputs.records
+        disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
+        cache, report = prepare_latents(
+            records, cfg.data, resolution=tc.resolution, seed=tc.seed, vae=self.bundle.vae,
+            disk=disk if cfg.data.latent_cache else None, device=self.device,
+            progress=self.progress and self.is_main,
+        )  # fmt: skip
         if self.is_main:
             logger.info("latents: %s", report.describe())
         prompts = PromptTable.build(
