@@ -78,7 +78,7 @@ def main() -> None:
     )
     add_common_arguments(ap, "outputs/bench-quality")
     args = ap.parse_args()
-    smoke(args, steps="2", seeds=1, modes="block", concepts="striped-cross")
+    smoke(args, steps="2", seeds=1, modes="block", concepts="striped-cross", mask_floors="0,1")
     if args.masks:
         masks_bench(args)
         return

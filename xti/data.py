@@ -15,6 +15,10 @@ This module owns the image side of a training step (DESIGN §3.1):
 4. Every step, `pick_augmentations` chooses one augmentation per image and `LatentCache.sample`
    draws latents from its distribution; both use only the generator they are given, so a resumed
    run replays the same data.
+
+Aspect-ratio buckets and loss masks (`data.buckets`, `data.masks`) build on these types:
+`xti.buckets` resizes and crops to each image's bucket (masks alongside) and keeps a `LatentCache`
+per bucket, `xti.masks` reads the masks into `ImageRecord.mask`.
 """
 
 from __future__ import annotations
