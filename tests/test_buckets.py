@@ -241,3 +241,36 @@ def test_bucket_step_must_fit_the_vae(tmp_path, tiny_model):
     cfg = load_config(None, ["data.buckets=true", "data.bucket_step=3"])
     with pytest.raises(XTIError, match=r"data.bucket_step=3 must be a multiple of \d+"):
         check_buckets(cfg, vae)
+
+
+def test_a_bucketed_masked_run_resumes_exactly_and_only_as_itself(tmp_path, tiny_model):
+    from xti.errors import XTIError
+    from xti.training import train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (w, h) in {"wide": (64, 16), "square": (32, 32), "tall": (16, 64)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            folder / f"{name}.png"
+        )
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+        Image.fromarray(mask).save(folder / f"{name}.mask.png")
+
+    def cfg(out, *extra):
+        return load_config(None, [
+            f"model.path={tiny_model}", f"data.dir={folder}", f"output_dir={out}",
+            "concept.placeholder=<box>", "concept.initializer=box", "train.resolution=32",
+            "train.batch_size=2", "train.max_steps=4", "train.lr=0.01", "train.lr_warmup_steps=0",
+            "kde.weight=0", "tracking.report_to=none", "train.checkpoint_every=2",
+            "data.buckets=true", "data.masks=true", *extra,
+        ])  # fmt: skip
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    first = train(cfg(tmp_path / "b"), progress=False, stop_at_step=2)
+    with pytest.raises(XTIError, match=r"data\.mask_floor: 0\.1 → 0\.5"):
+        train(cfg(tmp_path / "b", "train.resume=latest", "data.mask_floor=0.5"), progress=False)
+    second = train(cfg(tmp_path / "b", "train.resume=latest"), progress=False)
+    assert first.losses + second.losses == straight.losses
+    assert torch.equal(second.vectors, straight.vectors)
