@@ -59,6 +59,15 @@ def test_bench_smoke(name, tmp_path):
         _check_gpu_table((out / "gpu_check.md").read_text())
 
 
+@pytest.mark.slow
+def test_quality_masks_smoke(tmp_path):
+    """``bench/quality.py --masks``: the cluttered concept with and without its masks."""
+    proc = _bench("quality.py", "--masks", "--smoke", tmp_path=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for loss in ("mask, floor 0", r"no mask \(floor 1\)"):
+        assert re.search(rf"\| cluttered-cross \| {loss} \| 2 \| {NUMBER}% \|", proc.stdout)
+
+
 def _check_gpu_table(table: str) -> None:
     """The GPU check's table (written to the folder given) has a measured row for each family,
     precision and run, and the demo run, with no failure."""

@@ -122,6 +122,30 @@ class DataConfig(_Section):
         gt=0.0,
         description="Size cap of the latent disk cache in GiB; the least recently used entries are removed beyond it.",
     )
+    buckets: bool = Field(
+        False,
+        description="Aspect-ratio buckets: each image goes to the bucket (about train.resolution² pixels) nearest its aspect, with a minimal crop, instead of a square crop (xti.buckets).",
+    )
+    bucket_step: int | None = Field(
+        None,
+        ge=1,
+        description="Bucket side step in pixels; null = the VAE's downscale factor x 8 (64 for SD/SDXL, 16 for the demo model).",
+    )
+    bucket_max_aspect: float = Field(
+        4.0,
+        ge=1.0,
+        description="Longest bucket side over its shortest at most this; wider images go to the widest bucket and are cropped.",
+    )
+    masks: bool = Field(
+        False,
+        description="Weight the loss by each image's mask: metadata.jsonl's `mask` column, a <stem>.mask.png beside it, or its alpha channel (xti.masks).",
+    )
+    mask_floor: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Loss weight of masked-out pixels (0: ignored; 1: as if there were no mask); 0.1 keeps the subject's outline (README, masks).",
+    )
 
 
 class ConceptConfig(_Section):

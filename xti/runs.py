@@ -171,7 +171,21 @@ def run_fingerprint(cfg: Any, identity: dict[str, Any], *, world: int) -> dict[s
         fp["xti.pooled"] = cfg.xti.pooled
     if tc.lr_scheduler in DECAYING_SCHEDULES:
         fp["train.max_steps"] = tc.max_steps
+    fp.update(data_fingerprint(cfg.data))
     return json.loads(json.dumps(fp))  # exactly what a checkpoint will hold
+
+
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """The bucket and mask settings (`xti.buckets`, `xti.masks`), when on: they decide which
+    latents and loss weights a step draws. Off, nothing (fingerprints from before are unchanged)."""
+    fp: dict[str, Any] = {}
+    if data.buckets:
+        fp.update(
+            {f"data.{k}": getattr(data, k) for k in ("buckets", "bucket_step", "bucket_max_aspect")}
+        )
+    if data.masks:
+        fp.update({"data.masks": True, "data.mask_floor": data.mask_floor})
+    return fp
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ from torch import nn
 
 from xti import runs
 from xti.attention import install_processors
+from xti.buckets import prepare_latents
 from xti.callbacks import (
     CheckpointSaved,
     EventLog,
@@ -45,6 +46,7 @@ from xti.callbacks import (
     dispatch,
 )
 from xti.checks import (
+    check_buckets,
     check_mix_with,
     check_prompts,
     check_resolution,
@@ -69,6 +71,7 @@ from xti.families import EncoderPart
 from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
 from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
+from xti.masks import attach_masks
 from xti.models import ModelBundle, load_model
 from xti.paths import atomic_write_bytes
 from xti.step import (
@@ -379,8 +382,11 @@ class Trainer:
         mix_file = load_mix_with(cfg)
         records = load_images(cfg.data)
         check_captions(records, cfg.concept.placeholder)
+        if cfg.data.masks:
+            attach_masks(records, cfg.data)
         bundle = self.given_bundle if self.given_bundle is not None else load_model(cfg.model)
         check_resolution(cfg, bundle.vae)
+        check_buckets(cfg, bundle.vae)
         identity = runs.model_identity(bundle)  # before the models are cast
         return RunInputs(resume_from, mix_file, records, bundle, identity)
 
@@ -481,6 +487,8 @@ class Trainer:
         this VAE encoded these pixels before: the VAE is then neither moved nor called), and the
         tokenized prompts."""
         cfg, tc, records = self.cfg, self.tc, self.inputs.records
+        if cfg.data.buckets or cfg.data.masks:
+            return self.prepare_bucketed_data()
         aug = augment(
             records,
             tc.resolution,
@@ -498,6 +506,25 @@ class Trainer:
             device=self.device,
             progress=self.progress and self.is_main,
         )
+        if self.is_main:
+            logger.info("latents: %s", report.describe())
+        prompts = PromptTable.build(
+            {p.name: p.tokenizer for p in self.parts},
+            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
+            self.plan.tokens,
+        )
+        return RunData(cache, report, prompts)
+
+    def prepare_bucketed_data(self) -> RunData:
+        """`prepare_data` with aspect-ratio buckets or masks: latents per bucket, with the masks'
+        loss weights (`xti.buckets.prepare_latents`)."""
+        cfg, tc, records = self.cfg, self.tc, self.inputs.records
+        disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
+        cache, report = prepare_latents(
+            records, cfg.data, resolution=tc.resolution, seed=tc.seed, vae=self.bundle.vae,
+            disk=disk if cfg.data.latent_cache else None, device=self.device,
+            progress=self.progress and self.is_main,
+        )  # fmt: skip
         if self.is_main:
             logger.info("latents: %s", report.describe())
         prompts = PromptTable.build(
