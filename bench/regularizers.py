@@ -1,0 +1,245 @@
+"""Regularisers compared on concepts the demo model cannot draw (issue 21): which keeps edits?
+
+    python bench/regularizers.py                          # the grid of README "What the regulariser does"
+    python bench/regularizers.py --settings off,kde --modes block --seeds 0 --steps 2,4 \\
+        --concepts red-ring --samples 2 --work-dir /tmp/regtest        # a short run
+    python bench/regularizers.py --smoke                  # seconds (CI)
+
+For every concept of --concepts, mode of --modes (`block` = XTI, `shared` = TI), regulariser
+setting of --settings (`SETTINGS`) and training seed of --seeds it trains once, to the largest of
+--steps, with an embedding snapshot at every budget (`xti.quality.train_snapshots`), and scores each
+snapshot with --samples images per prompt. Every cell (concept, mode, setting, seed) keeps its
+scores in ``<work-dir>/<concept>/<mode>/<setting>/seed<k>/scores.json``: a rerun skips the cells
+already done, so a crashed grid resumes where it stopped.
+
+Concepts: the novel shapes of `xti.demo.novel` (ring, heart, hourglass: the demo model never drew
+them, so the learned vectors must carry the shape) and `striped-cross` (cross and stripes were both
+drawn in pretraining). Scores, each a hit rate over the prompts' images:
+
+  recon       "a <c> on a white/gray background": the concept's shape (silhouette), colour and
+              the background (`xti.demo.novel.score_novel`; for striped-cross `xti.quality`);
+  colour edit "a green/purple <c> on a white background": the asked colour;
+  edit+shape  the same images: the asked colour and the concept's shape at once;
+  bg edit     "a <c> on a black background" (never a training background): black and the shape;
+  mix         the concept in the layers that decide shape, the shipped teal-dotted style in the
+              others: the concept's shape in teal.
+
+The tables give, per setting and mode, the mean over seeds ± the spread (max − min over seeds) of the
+per-seed mean over the novel concepts, and the worst seed's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from common import REPO, add_common_arguments, smoke, start
+
+from xti import quality as Q
+from xti.demo import novel as N
+from xti.paths import atomic_write_bytes
+from xti.pipelines import load_pipeline
+
+MODES = {"block": "XTI", "shared": "TI"}
+SETTINGS: dict[str, list[str]] = {
+    "off": ["regularizer.kind=none"],
+    "kde": [],  # the shipped default before issue 21: kde.weight 0.01, h = NN median
+    "kde h×0.5": ["kde.bandwidth_scale=0.5"],
+    "kde h×0.25": ["kde.bandwidth_scale=0.25"],
+    "kde fine only": ["kde.layer_weights={coarse: 0}"],
+    "kde 0.1": ["kde.weight=0.1"],
+    "norm 0.1": ["regularizer.kind=norm", "regularizer.norm.weight=0.1"],
+    "init 0.1": ["regularizer.kind=init_pull", "regularizer.init_pull.weight=0.1"],
+}
+"""Setting name -> config overrides (on top of configs/demo.yaml)."""
+INITIALIZERS = {"ring": "circle", "heart": "circle", "hourglass": "triangle"}
+METRICS = ("recon", "colour edit", "edit+shape", "bg edit", "mix")
+STYLE = "<teal-dotted>"
+STYLE_FILE = "data/demo-concepts/teal-dotted.xti.safetensors"
+
+
+def cell_dir(work: Path, concept: str, mode: str, setting: str, seed: int) -> Path:
+    safe = setting.replace(" ", "_").replace("×", "x")
+    return work / concept / mode / safe / f"seed{seed}"
+
+
+def concept_overrides(name: str, work: Path) -> list[str]:
+    """Overrides that make configs/demo.yaml train `name` (a novel concept's folder is written)."""
+    if name == "striped-cross":
+        return []
+    data = N.write_concept(name, work / "data")
+    shape = str(N.NOVEL_CONCEPTS[name]["shape"])
+    return [
+        f"name={name}",
+        f"data.dir={data}",
+        f"concept.placeholder=<{name}>",
+        f"concept.initializer={INITIALIZERS[shape]}",
+    ]
+
+
+def score_cell(pipe, name: str, file: Path, samples: list[int], mix_layers: str) -> dict:
+    """`METRICS` of one snapshot (None where a metric does not apply)."""
+    embeddings = {f"<{name}>": file, STYLE: REPO / STYLE_FILE}
+    if name == "striped-cross":
+        obj = Q.load_concept("data/demo-concepts/striped-cross")
+        style = Q.load_concept("data/demo-concepts/teal-dotted")
+        s = Q.score_embeddings(
+            pipe, embeddings, Q.demo_probes(obj, style, shape_layers=mix_layers), samples
+        )
+        return {
+            "recon": s["reconstruction.all"],
+            "colour edit": s["editability.colour"],
+            "edit+shape": s["editability.all"],
+            "bg edit": None,
+            "mix": s["mixing.all"],
+        }
+    from xti.inference import XTIAdapter
+
+    shape = str(N.NOVEL_CONCEPTS[name]["shape"])
+    pooled: dict[str, list[dict[str, float]]] = {}
+    with XTIAdapter(pipe) as adapter:
+        for subject, path in embeddings.items():
+            adapter.load(path, subject)
+        sample = Q.adapter_sampler(adapter, samples)
+        for probe in N.novel_probes(name, STYLE, shape_layers=mix_layers):
+            qp = Q.Probe(probe.kind, probe.prompt, {}, mix=probe.mix)
+            pooled.setdefault(probe.kind, []).append(N.score_novel(sample(qp), probe, shape))
+
+    def mean(kind: str, key: str) -> float:
+        return float(np.mean([p[key] for p in pooled[kind]]))
+
+    return {
+        "recon": mean("reconstruction", "all"),
+        "colour edit": mean("colour_edit", "colour"),
+        "edit+shape": mean("colour_edit", "all"),
+        "bg edit": mean("background_edit", "all"),
+        "mix": mean("mixing", "all"),
+    }
+
+
+def run_cell(args, pipe, work: Path, cell: tuple[str, str, str, int], budgets: list[int]) -> dict:
+    """Train and score one cell, or read its cached scores."""
+    name, mode, setting, seed = cell
+    folder = cell_dir(work, *cell)
+    cache = folder / "scores.json"
+    if cache.is_file():
+        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+    t0 = time.perf_counter()
+    overrides = [
+        *concept_overrides(name, work),
+        f"xti.granularity={mode}",
+        f"train.seed={seed}",
+        *SETTINGS[setting],
+        *args.overrides,
+    ]
+    files = Q.train_snapshots(REPO / "configs/demo.yaml", budgets, folder / "run", overrides)
+    scores = {
+        b: score_cell(pipe, name, files[b], args.samples_list, args.mix_layers) for b in budgets
+    }
+    atomic_write_bytes(cache, json.dumps(scores, indent=1).encode())
+    print(f"  cell {cell} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return scores
+
+
+def aggregate(values: list[float]) -> str:
+    """``mean ± spread (worst)`` in percent over seeds."""
+    v = 100 * np.asarray(values)
+    return f"{v.mean():.0f} ± {v.max() - v.min():.0f} ({v.min():.0f})"
+
+
+def tables(results: dict, novel: list[str], others: list[str], budgets, settings, modes, seeds):
+    """Markdown lines: per budget, one row per (setting, mode) over the novel concepts, then the
+    drawable concepts' rows."""
+    lines = []
+    groups = [("concepts the model cannot draw: " + ", ".join(novel), novel)] if novel else []
+    groups += [(f"a concept it can draw: {o}", [o]) for o in others]
+    for title, names in groups:
+        for b in budgets:
+            lines += ["", f"**{title} — {b} steps** (mean ± spread over seeds (worst seed), %)", ""]
+            rows = []
+            for setting in settings:
+                for mode in modes:
+                    if (names[0], mode, setting, seeds[0]) not in results:
+                        continue
+                    cells = [setting, MODES.get(mode, mode)]
+                    for metric in METRICS:
+                        per_seed = []
+                        for seed in seeds:
+                            vals = [results[n, mode, setting, seed][b][metric] for n in names]
+                            if any(v is None for v in vals):
+                                break
+                            per_seed.append(float(np.mean(vals)))
+                        cells.append(aggregate(per_seed) if per_seed else "—")
+                    rows.append(cells)
+            lines += Q.markdown_table(["setting", "mode", *METRICS], rows)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated SETTINGS")
+    ap.add_argument("--steps", default="50,150,300", help="comma-separated step budgets")
+    ap.add_argument("--modes", default="block,shared", help="granularities to compare")
+    ap.add_argument(
+        "--ti-settings", default="off,kde", help="the settings also trained as TI (shared)"
+    )
+    ap.add_argument("--concepts", default="red-ring,blue-heart,orange-hourglass,striped-cross")
+    ap.add_argument("--train-seeds", default="0,1,2", help="comma-separated training seeds")
+    ap.add_argument("--samples", type=int, default=8, help="images per prompt")
+    ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    ap.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: run only every n-th cell from the i-th (parallel processes share --work-dir; "
+        "a last run without --shard reads every cell back and writes the tables)",
+    )
+    add_common_arguments(ap, "outputs/bench-regularizers")
+    args = ap.parse_args()
+    smoke(args, steps="2", settings="off,kde", train_seeds="0", modes="block",
+          concepts="red-ring", samples=1)  # fmt: skip
+    start(ap, args, [])
+    settings = args.settings.split(",")
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; settings are {', '.join(SETTINGS)}")
+    budgets = sorted({int(s) for s in args.steps.split(",")})
+    modes, names = args.modes.split(","), args.concepts.split(",")
+    seeds = [int(s) for s in args.train_seeds.split(",")]
+    args.samples_list = list(range(args.samples))
+    work = Path(args.work_dir)
+    pipe = load_pipeline("data/demo-model")
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.perf_counter()
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    # seeds outermost: a grid cut short still has whole seeds of every setting
+    cells = [
+        (name, mode, setting, seed)
+        for seed in seeds
+        for name in names
+        for setting in settings
+        for mode in modes
+        if mode == "block" or setting in args.ti_settings.split(",")
+    ]
+    results = {}
+    for i, cell in enumerate(cells):
+        if i % shards == shard:
+            results[cell] = run_cell(args, pipe, work, cell, budgets)
+    if shards > 1:
+        print(f"shard {shard}/{shards}: {len(results)} cells done")
+        return
+    novel = [n for n in names if n in N.NOVEL_CONCEPTS]
+    others = [n for n in names if n not in N.NOVEL_CONCEPTS]
+    lines = tables(results, novel, others, budgets, settings, modes, seeds)
+    print(f"{len(results)} cells in {time.perf_counter() - t0:.0f} s")
+    print("\n".join(lines))
+    if args.out:
+        atomic_write_bytes(Path(args.out), ("\n".join(lines) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
