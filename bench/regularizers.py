@@ -4,6 +4,8 @@
     python bench/regularizers.py --settings off,kde --modes block --seeds 0 --steps 2,4 \\
         --concepts red-ring --samples 2 --work-dir /tmp/regtest        # a short run
     python bench/regularizers.py --smoke                  # seconds (CI)
+    for i in 1 2 3; do python bench/regularizers.py --worker --threads 1 & done   # in parallel,
+    python bench/regularizers.py --table-only --out results.md                  # then the tables
 
 For every concept of --concepts, mode of --modes (`block` = XTI, `shared` = TI), regulariser
 setting of --settings (`SETTINGS`) and training seed of --seeds it trains once, to the largest of
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -122,6 +125,17 @@ def score_cell(pipe, name: str, file: Path, samples: list[int], mix_layers: str)
     }
 
 
+def claim(work: Path, cell: tuple[str, str, str, int]) -> bool:
+    """Claim a cell for this process (True), or find it claimed by another `--worker` (False)."""
+    folder = cell_dir(work, *cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def run_cell(args, pipe, work: Path, cell: tuple[str, str, str, int], budgets: list[int]) -> dict:
     """Train and score one cell, or read its cached scores."""
     name, mode, setting, seed = cell
@@ -192,7 +206,8 @@ def aggregate(values: list[float]) -> str:
 
 def tables(results: dict, novel: list[str], others: list[str], budgets, settings, modes, seeds):
     """Markdown lines: per budget, one row per (setting, mode) over the novel concepts, then the
-    drawable concepts' rows."""
+    drawable concepts' rows. A row counts the seeds whose cells are done for every concept of its
+    group (fewer than all: the count is named)."""
     lines = []
     groups = [("concepts the model cannot draw: " + ", ".join(novel), novel)] if novel else []
     groups += [(f"a concept it can draw: {o}", [o]) for o in others]
@@ -202,12 +217,16 @@ def tables(results: dict, novel: list[str], others: list[str], budgets, settings
             rows = []
             for setting in settings:
                 for mode in modes:
-                    if (names[0], mode, setting, seeds[0]) not in results:
+                    done = [
+                        s for s in seeds if all((n, mode, setting, s) in results for n in names)
+                    ]
+                    if not done:
                         continue
-                    cells = [setting, MODES.get(mode, mode)]
+                    label = setting if len(done) == len(seeds) else f"{setting} [{len(done)} seed]"
+                    cells = [label, MODES.get(mode, mode)]
                     for metric in METRICS:
                         per_seed = []
-                        for seed in seeds:
+                        for seed in done:
                             vals = [results[n, mode, setting, seed][b][metric] for n in names]
                             if any(v is None for v in vals):
                                 break
@@ -233,13 +252,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="images per prompt")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
     ap.add_argument(
-        "--shard",
-        default="0/1",
-        help="i/n: run only every n-th cell from the i-th (parallel processes share --work-dir; "
-        "a last run without --shard reads every cell back and writes the tables)",
+        "--worker",
+        action="store_true",
+        help="share --work-dir with other --worker processes: take only cells nobody has claimed "
+        "(a `claim` file in the cell's folder), write no tables; a last run without --worker "
+        "trains what is left (claimed or not) and writes the tables",
+    )
+    ap.add_argument(
+        "--ti-seeds", default=None, help="training seeds of the TI cells (default: --train-seeds)"
     )
     ap.add_argument("--picture", default=None, help="write the edit grid of the first concept")
-    ap.add_argument("--picture-setting", default="kde", help="the setting the picture compares")
+    ap.add_argument(
+        "--picture-setting", default="kde", help="comma-separated settings the picture compares"
+    )
     ap.add_argument(
         "--table-only", action="store_true", help="only the cells already done: write the tables"
     )
@@ -260,7 +285,7 @@ def main() -> None:
     pipe = load_pipeline("data/demo-model")
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
-    shard, shards = (int(x) for x in args.shard.split("/"))
+    ti_seeds = seeds if args.ti_seeds is None else [int(x) for x in args.ti_seeds.split(",")]
     # concepts outermost: a grid cut short still has every seed of its first concepts
     cells = [
         (name, mode, setting, seed)
@@ -268,22 +293,22 @@ def main() -> None:
         for seed in seeds
         for setting in settings
         for mode in modes
-        if mode == "block" or setting in args.ti_settings.split(",")
+        if mode == "block" or (setting in args.ti_settings.split(",") and seed in ti_seeds)
     ]
     results = {}
-    for i, cell in enumerate(cells):
-        if args.table_only and not (cell_dir(work, *cell) / "scores.json").is_file():
+    for cell in cells:
+        done = (cell_dir(work, *cell) / "scores.json").is_file()
+        if (args.table_only and not done) or (args.worker and not done and not claim(work, cell)):
             continue
-        if i % shards == shard:
-            results[cell] = run_cell(args, pipe, work, cell, budgets)
-    if shards > 1:
-        print(f"shard {shard}/{shards}: {len(results)} cells done")
+        results[cell] = run_cell(args, pipe, work, cell, budgets)
+    if args.worker:
+        print(f"worker: {len(results)} cells done or read back")
         return
     novel = [n for n in names if n in N.NOVEL_CONCEPTS]
     if args.picture:
         picture_rows = {}
         for mode in ("block", "shared"):
-            for setting in dict.fromkeys(("off", args.picture_setting)):
+            for setting in dict.fromkeys(("off", *args.picture_setting.split(","))):
                 cell = (names[0], mode, setting, seeds[0])
                 run_cell(args, pipe, work, cell, budgets)  # cached, or trained now
                 run = cell_dir(work, *cell) / "run" / "snapshots"
@@ -291,7 +316,7 @@ def main() -> None:
                 picture_rows[f"{MODES[mode]}, {setting}"] = files
         edit_picture(pipe, names[0], picture_rows).save(args.picture)
         print(f"wrote {args.picture}")
-    done = {n for n in names if all(c in results for c in cells if c[0] == n)}
+    done = {c[0] for c in results}
     others = [n for n in names if n not in N.NOVEL_CONCEPTS and n in done]
     lines = tables(
         results, [n for n in novel if n in done], others, budgets, settings, modes, seeds

@@ -195,3 +195,20 @@ def test_default_regulariser_does_not_freeze_the_demo_or_a_tiny_sd1_with_49k_tok
     result = train(cfg, progress=False)
     assert not _frozen(caplog)
     assert result is not None and math.isfinite(result.losses[-1][1])
+    # the model card names the regulariser and its settings
+    card = (tmp_path / "tiny" / "README.md").read_text()
+    assert "| regulariser | kde, kde.weight = 0.01 |" in card
+
+
+def test_fingerprint_keeps_old_checkpoints_and_sees_a_changed_regulariser():
+    from xti.runs import run_fingerprint
+
+    ident = {"model.family": "sd1"}
+    default = run_fingerprint(load_config(None, []), ident, world=1)
+    assert not [k for k in default if k.startswith("regularizer")]
+    assert "kde.bandwidth_scale" not in default and "kde.layer_weights" not in default
+    other = run_fingerprint(
+        load_config(None, ["regularizer.kind=norm", "kde.bandwidth_scale=0.5"]), ident, world=1
+    )
+    assert other["regularizer.kind"] == "norm" and other["regularizer.norm.weight"] == 0.1
+    assert other["kde.bandwidth_scale"] == 0.5
