@@ -814,7 +814,8 @@ class Trainer:
             family=self.family.name,
             base_model=self.bundle.source,
             text_dims={name: int(init.shape[-1]) for name, init in self.plan.inits.items()},
-            kde_weight=self.cfg.kde.weight,
+            # the KDE's λ when it is the regulariser (the model card names any other one)
+            kde_weight=self.cfg.kde.weight if self.cfg.regularizer.kind == "kde" else 0.0,
             steps=self.step,
             title=self.name,
             extra=self.family.metadata_extra(self.plan.pooled),
