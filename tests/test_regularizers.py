@@ -212,3 +212,16 @@ def test_fingerprint_keeps_old_checkpoints_and_sees_a_changed_regulariser():
     )
     assert other["regularizer.kind"] == "norm" and other["regularizer.norm.weight"] == 0.1
     assert other["kde.bandwidth_scale"] == 0.5
+
+
+def test_a_norm_run_trains_names_itself_and_writes_no_kde_weight(tiny_model, tmp_path):
+    from xti.export import load_embedding_file
+
+    cfg = make_cfg(tiny_model, tmp_path, "regularizer.kind=norm", "train.max_steps=3")
+    result = train(cfg, progress=False)
+    card = (tmp_path / "README.md").read_text()
+    assert (
+        "| regulariser | norm, regularizer.norm.weight = 0.1 (target: the initializer norm) |"
+        in card
+    )
+    assert load_embedding_file(result.output_file).metadata["xti.kde_weight"] == "0.0"
