@@ -21,7 +21,9 @@ EXPECTED = {
     "first_step.py": rf"second run reaches its first step -?{NUMBER} s sooner",
     "gpu_check.py": rf"sdxl \| diffusers-style TI \(reference\) \| fp16 \| 2x1 \| 32 \| {NUMBER} \|",
     "kde.py": rf"\| striped-cross \| XTI \| 0\.1 \| 2 \| {NUMBER}% \|",
+    "kde_modes.py": rf"\| demo, 22 words \(d 64\) \| 1 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|",
     "quality.py": rf"\| striped-cross \| XTI \| 2 \| {NUMBER}% \|",
+    "regularizers.py": rf"\| off \| XTI \| {NUMBER} ± {NUMBER} \({NUMBER}\) \|",
     "step.py": rf"xti / shared step-time ratio: {NUMBER}",
 }
 

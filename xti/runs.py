@@ -167,6 +167,16 @@ def run_fingerprint(cfg: Any, identity: dict[str, Any], *, world: int) -> dict[s
         "train.noise_offset": tc.noise_offset,
         **{f"kde.{key}": value for key, value in cfg.kde.model_dump().items()},
     }
+    # Settings added with the regulariser choice (issue 21) enter only when they differ from their
+    # defaults, so that checkpoints written before them still match a run with the same config.
+    for key, default in (("bandwidth_scale", 1.0), ("layer_weights", {})):
+        if getattr(cfg.kde, key) == default:
+            fp.pop(f"kde.{key}")
+    if cfg.regularizer.kind != "kde":
+        reg = cfg.regularizer.model_dump()
+        fp["regularizer.kind"] = reg["kind"]
+        if reg["kind"] in ("norm", "init_pull"):
+            fp.update({f"regularizer.{reg['kind']}.{k}": v for k, v in reg[reg["kind"]].items()})
     if named(identity["model.family"]).has_pool_slot:
         fp["xti.pooled"] = cfg.xti.pooled
     if tc.lr_scheduler in DECAYING_SCHEDULES:

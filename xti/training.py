@@ -68,12 +68,18 @@ from xti.embeddings import (
 from xti.errors import XTIError
 from xti.export import EmbeddingFile, build_metadata, save_embedding_file
 from xti.families import EncoderPart
-from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
+from xti.kde import KDERegularizer, KDEStats
 from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
 from xti.masks import attach_masks
 from xti.models import ModelBundle, load_model
 from xti.paths import atomic_write_bytes
+from xti.regularizers import (
+    Regularization,
+    add_relative_gradient,
+    regularizer_terms,
+    variant_weights,
+)
 from xti.step import (
     Batch,
     PromptTable,
@@ -118,6 +124,13 @@ def build_kdes(
             reg = KDERegularizer.from_reference(
                 embeddings[part.name].weight, part.tokenizer, cfg.kde.reference, cfg.kde.bandwidth
             )
+            if cfg.kde.bandwidth_scale != 1.0:
+                reg = KDERegularizer.from_reference(
+                    embeddings[part.name].weight,
+                    part.tokenizer,
+                    cfg.kde.reference,
+                    reg.bandwidth * cfg.kde.bandwidth_scale,
+                )
         except ValueError as e:
             raise XTIError(f"{e} ({part.name} text encoder)") from None
         logger.info(
@@ -233,6 +246,7 @@ class ConceptPlan:
     num_variants: int
     pooled: str  # `xti.pooled`
     kdes: dict[str, KDERegularizer]  # per encoder (values always logged; gradient when weight > 0)
+    regularization: Regularization  # `regularizer.kind`'s term per encoder and its λ
     clean_tokenizers: dict[str, Any]  # copies without the placeholder (validation pipelines)
 
     @property
@@ -414,16 +428,22 @@ class Trainer:
         # KDE values are always logged; its gradient joins the step only when kde.weight > 0.
         kdes = build_kdes(cfg, parts, embeddings)
         check_mix_with(cfg, self.inputs.mix_file, scheme, self.family, embeddings)
+        variant_of_layer = layer_variants(len(scheme), granularity)
+        num_variants = 1 if granularity == "shared" else len(scheme)
+        weights = variant_weights(
+            cfg.kde.layer_weights, scheme.select, variant_of_layer, num_variants, scheme.names
+        )
         return ConceptPlan(
             tokens=tokens,
             inits=inits,
             granularity=granularity,
             block_scheme=block_scheme,
             scheme=scheme,
-            variant_of_layer=layer_variants(len(scheme), granularity),
-            num_variants=1 if granularity == "shared" else len(scheme),
+            variant_of_layer=variant_of_layer,
+            num_variants=num_variants,
             pooled=cfg.xti.pooled,
             kdes=kdes,
+            regularization=regularizer_terms(cfg, kdes, inits, weights),
             clean_tokenizers=clean,
         )
 
@@ -708,10 +728,7 @@ class Trainer:
         # The diffusion gradient is now complete (accumulated, synchronised); unscale it once,
         # then add the KDE gradient relative to it, then clip (DESIGN §4).
         accelerator.unscale_gradients()
-        kde_stats = None
-        if self.cfg.kde.weight > 0:
-            vectors = {n: self.opt.raw.sets[n].vectors for n in self.plan.kdes}
-            kde_stats = add_relative_kde_gradient(vectors, self.plan.kdes, self.cfg.kde.weight)
+        kde_stats = self.regularize()
         params = list(self.opt.raw.parameters())
         if self.tc.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
@@ -725,6 +742,15 @@ class Trainer:
         mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
         seconds = time.perf_counter() - t_step  # .item() waited for the device
         return StepOutcome(self.step, mean_loss, parts, grad_norm, kde_stats, seconds)
+
+    def regularize(self) -> dict[str, KDEStats] | None:
+        """The regulariser's gradient joined to the complete diffusion gradient (DESIGN §4,
+        `xti.regularizers`); None when it is off (λ = 0 or kind none)."""
+        reg = self.plan.regularization
+        if not reg.weight > 0 or not reg.terms:
+            return None
+        vectors = {n: self.opt.raw.sets[n].vectors for n in reg.terms}
+        return add_relative_gradient(vectors, reg.terms, reg.weight)
 
     def record(self, s: StepOutcome) -> None:
         """Keep the step's loss and time (after the non-finite guard), warn once about a frozen
@@ -817,7 +843,8 @@ class Trainer:
             family=self.family.name,
             base_model=self.bundle.source,
             text_dims={name: int(init.shape[-1]) for name, init in self.plan.inits.items()},
-            kde_weight=self.cfg.kde.weight,
+            # the KDE's λ when it is the regulariser (the model card names any other one)
+            kde_weight=self.cfg.kde.weight if self.cfg.regularizer.kind == "kde" else 0.0,
             steps=self.step,
             title=self.name,
             extra=self.family.metadata_extra(self.plan.pooled),
