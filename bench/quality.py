@@ -3,6 +3,7 @@
     python bench/quality.py                       # 3 objects; 10, 25, 50, 100, 250, 500 steps; 8 seeds
     python bench/quality.py --steps 50,100 --seeds 4 --concepts striped-cross --work-dir /tmp/q --reuse
     python bench/quality.py --smoke               # seconds: 2 steps, 1 seed, XTI only (CI)
+    python bench/quality.py --masks --steps 100,300 --seeds 4 --threads 1  # mask floors 0, 0.1, 1
 
 For each mode (`block` = XTI, `shared` = classic TI through the same code) it trains every object
 concept of --concepts (default: all of `xti.demo.procedural.DEMO_OBJECTS`, each with its config in
@@ -31,6 +32,12 @@ is the colour the model draws when none is named).
 
 After the table, per object and mode: the first budget at which "recon all" reaches --threshold
 (90%), or "not reached", which is the "how many steps does each need" reading.
+
+With --masks it measures instead what a mask changes: the cluttered concept
+(`configs/demo-cluttered-cross.yaml`: an orange striped cross among other shapes on 40x24 images,
+aspect-ratio buckets, a mask per image) is trained at each --mask-floors value of data.mask_floor
+(default 0, 0.1 and 1; 1 weighs every pixel fully, the same as no mask), and each budget's snapshot is scored on reconstruction ("a <cluttered-cross> on a … background":
+shape, colour, background, and the distance to the cross alone on that background) and editability.
 """
 
 from __future__ import annotations
@@ -63,9 +70,18 @@ def main() -> None:
     )
     ap.add_argument("--style", default="teal-dotted", help="style concept mixed into the objects")
     ap.add_argument("--threshold", type=float, default=0.9, help="'recon all' level to reach")
+    ap.add_argument(
+        "--masks", action="store_true", help="the cluttered concept with and without its masks"
+    )
+    ap.add_argument(
+        "--mask-floors", default="0,0.1,1", help="with --masks: data.mask_floor values (1: no mask)"
+    )
     add_common_arguments(ap, "outputs/bench-quality")
     args = ap.parse_args()
-    smoke(args, steps="2", seeds=1, modes="block", concepts="striped-cross")
+    smoke(args, steps="2", seeds=1, modes="block", concepts="striped-cross", mask_floors="0,1")
+    if args.masks:
+        masks_bench(args)
+        return
     budgets = sorted({int(s) for s in args.steps.split(",")})
     modes = args.modes.split(",")
     names = args.concepts.split(",")
@@ -148,6 +164,49 @@ def main() -> None:
         for name in names
     ]
     print("\n".join(Q.markdown_table(header, table)))
+
+
+def masks_bench(args) -> None:
+    """--masks: the cluttered concept trained at each --mask-floors value (1: no mask), scored per
+    budget."""
+    import os
+
+    os.chdir(REPO)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    budgets = sorted({int(s) for s in args.steps.split(",")})
+    floors = [float(f) for f in args.mask_floors.split(",")]
+    work, seeds, t0 = Path(args.work_dir), list(range(args.seeds)), time.perf_counter()
+    # mask_floor 1 weighs every pixel fully: the same as no mask, while the .mask.png files stay
+    # masks (with data.masks=false they would be read as training images)
+    files = {
+        floor: Q.train_snapshots(
+            REPO / Q.CLUTTERED_CONFIG,
+            budgets,
+            work / f"mask-floor-{floor:g}",
+            [f"data.mask_floor={floor}", *args.overrides],
+            reuse=args.reuse,
+        )
+        for floor in floors
+    }
+    pipe = load_pipeline("data/demo-model")
+    pipe.set_progress_bar_config(disable=True)
+    probes = Q.cluttered_probes()
+    columns = [c for c in COLUMNS if not c.startswith(("mix", "recon size"))]
+    rows = []
+    for floor in floors:
+        for budget in budgets:
+            scores = Q.score_embeddings(
+                pipe, {"<cluttered-cross>": files[floor][budget]}, probes, seeds
+            )
+            label = "no mask (floor 1)" if floor == 1 else f"mask, floor {floor:g}"
+            rows.append(["cluttered-cross", label, str(budget), *Q.score_cells(scores, columns)])
+    print(
+        f"trained and scored in {time.perf_counter() - t0:.0f} s ({len(seeds)} seed(s) per prompt)"
+    )
+    print("\n".join(Q.markdown_table(["concept", "loss", "steps", *columns], rows)))
 
 
 if __name__ == "__main__":

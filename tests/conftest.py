@@ -59,3 +59,16 @@ def _own_latent_cache(tmp_path_factory, monkeypatch):
     """Every test (and the processes it starts) gets its own empty latent disk cache: no test reads
     latents another test, or the user's runs, left behind."""
     monkeypatch.setenv("XTI_LATENT_CACHE", str(tmp_path_factory.mktemp("latents")))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm cluster on this host (tests/slurm_cluster.py), started once per session;
+    skips with one line when not root or Slurm/munge are not installed."""
+    from slurm_cluster import slurm_cluster_skip_reason, start_slurm_cluster
+
+    reason = slurm_cluster_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with start_slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

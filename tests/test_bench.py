@@ -22,7 +22,9 @@ EXPECTED = {
     "first_step.py": rf"second run reaches its first step -?{NUMBER} s sooner",
     "gpu_check.py": rf"sdxl \| diffusers-style TI \(reference\) \| fp16 \| 2x1 \| 32 \| {NUMBER} \|",
     "kde.py": rf"\| striped-cross \| XTI \| 0\.1 \| 2 \| {NUMBER}% \|",
+    "kde_modes.py": rf"\| demo, 22 words \(d 64\) \| 1 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|",
     "quality.py": rf"\| striped-cross \| XTI \| 2 \| {NUMBER}% \|",
+    "regularizers.py": rf"\| off \| XTI \| {NUMBER} ± {NUMBER} \({NUMBER}\) \|",
     "step.py": rf"xti / shared step-time ratio: {NUMBER}",
 }
 
@@ -58,6 +60,15 @@ def test_bench_smoke(name, tmp_path):
     assert re.search(EXPECTED[name], proc.stdout), proc.stdout[-3000:]
     if name == "gpu_check.py":
         _check_gpu_table((out / "gpu_check.md").read_text())
+
+
+@pytest.mark.slow
+def test_quality_masks_smoke(tmp_path):
+    """``bench/quality.py --masks``: the cluttered concept with and without its masks."""
+    proc = _bench("quality.py", "--masks", "--smoke", tmp_path=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for loss in ("mask, floor 0", r"no mask \(floor 1\)"):
+        assert re.search(rf"\| cluttered-cross \| {loss} \| 2 \| {NUMBER}% \|", proc.stdout)
 
 
 def _check_gpu_table(table: str) -> None:

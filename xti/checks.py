@@ -60,6 +60,17 @@ def check_resolution(cfg: Config, vae) -> None:
         )
 
 
+def check_buckets(cfg: Config, vae) -> None:
+    """`data.bucket_step` must be a multiple of the VAE's factor (bucket sides are whole latents)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    step = cfg.data.bucket_step
+    if cfg.data.buckets and step is not None and step % factor:
+        raise XTIError(
+            f"data.bucket_step={step} must be a multiple of {factor} for this model's VAE "
+            f"(e.g. {max(factor, step // factor * factor)}), or null for {factor * 8}"
+        )
+
+
 def load_mix_with(cfg: Config) -> EmbeddingFile | None:
     """`validation.mix_with`, loaded before the model (one-line errors naming the file)."""
     path = cfg.validation.mix_with

@@ -1,5 +1,5 @@
 """Command line interface: ``xti train``, ``xti layers``, ``xti config``, ``xti generate``,
-``xti mix``, ``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``.
+``xti mix``, ``xti sweep``, ``xti inspect``, ``xti export``, ``xti cache``, ``xti ui``, ``xti batch``.
 
 The CLI only parses arguments and prints; the library does the work. Every `XTIError` becomes one
 line on stderr (``error: …``) and exit status 2, never a traceback.
@@ -56,6 +56,89 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    """``xti batch MANIFEST --out DIR``: every concept of a manifest (xti.batch); exit 1 when a row
+    is not done."""
+    from pathlib import Path
+
+    from xti import batch
+
+    plan = batch.load_manifest(args.manifest, base=args.base, sets=args.set or [])
+    opts = batch.BatchOptions(
+        Path(args.manifest), Path(args.out), args.base, list(args.set or []),
+        retry_failed=args.retry_failed, progress=not args.no_progress,
+    )  # fmt: skip
+    modes = [m for m in ("workers", "gpus", "only_index", "table") if getattr(args, m) is not None]
+    modes += ["slurm"] if args.slurm else []
+    if len(modes) > 1:
+        raise XTIError("choose one of --workers, --gpus, --slurm, --only-index, --table")
+    if args.dry_run and not args.slurm:
+        raise XTIError("--dry-run goes with --slurm (it writes the sbatch scripts only)")
+    if args.slurm:
+        return _batch_slurm(plan, opts, args)
+    with _progress_bars(not args.no_progress):
+        if args.only_index is not None:
+            indices = batch.parse_index_list(args.only_index, len(plan.rows))
+            results = batch.run_batch(plan, opts, indices=indices)
+        elif args.workers is not None or args.gpus is not None:
+            results = batch.run_workers(plan, opts, batch.worker_devices(args.workers, args.gpus))
+        elif args.table:
+            results = batch.write_table(plan, opts.out)
+        else:
+            results = batch.run_batch(plan, opts)
+    table = batch.gather(plan, opts.out)
+    print(batch.table_markdown(table), end="")
+    return batch.exit_status(results)
+
+
+def _batch_slurm(plan: Any, opts: Any, args: argparse.Namespace) -> int:
+    from xti import batch
+
+    if not batch.pending_indices(plan, opts.out, retry_failed=opts.retry_failed):
+        print("nothing to submit: every row is done or failed (--retry-failed retries those)")
+        table = batch.write_table(plan, opts.out)
+        print(batch.table_markdown(table), end="")
+        return batch.exit_status(table)
+    scripts = batch.write_slurm(plan, opts, sbatch_options=args.sbatch_option or [])
+    if args.dry_run:
+        print(f"wrote {scripts.array} (rows {','.join(map(str, scripts.indices))})")
+        print(f"wrote {scripts.table}")
+        print(
+            f"submit with: sbatch {scripts.array}, then sbatch --dependency=afterany:JOBID {scripts.table}"
+        )
+        return 0
+    array_id, table_id = batch.submit_slurm(scripts)
+    print(f"submitted job array {array_id} ({len(scripts.indices)} rows) and table job {table_id}")
+    print(f"the table: {opts.out / 'results.md'} once they end")
+    return 0
+
+
+def _add_batch(sub: Any) -> None:
+    p = sub.add_parser(
+        "batch", help="train every concept of a manifest (YAML or CSV): locally, on GPUs, on Slurm"
+    )
+    p.add_argument("manifest", help="YAML (base, overrides, concepts) or CSV manifest")
+    p.add_argument("--out", required=True, help="output folder: OUT/<name> per concept, results.*")
+    p.add_argument("--base", help="base config (replaces the manifest's base)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override for every concept (repeatable), after the manifest's overrides",
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, help="split the rows over N processes")
+    p.add_argument("--gpus", help="one process per GPU, e.g. 0,1 (CUDA_VISIBLE_DEVICES each)")
+    p.add_argument("--slurm", action="store_true", help="write and submit a Slurm job array")
+    p.add_argument("--dry-run", action="store_true", help="--slurm: write the scripts only")
+    p.add_argument(
+        "--sbatch-option", action="append", metavar="OPT",
+        help="--slurm: an #SBATCH line (repeatable), e.g. --sbatch-option=--gres=gpu:1",
+    )  # fmt: skip
+    p.add_argument("--only-index", metavar="I[,J...]", help="run these rows only (0-based)")
+    p.add_argument("--table", action="store_true", default=None, help="only write the table")
+    p.add_argument("--retry-failed", action="store_true", help="run failed rows again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_batch)
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -508,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_generate(sub)
     _add_mix(sub)
+    _add_batch(sub)
     _add_sweep_and_ui(sub)
 
     p = sub.add_parser("inspect", help="describe an embedding file as JSON")

@@ -123,6 +123,30 @@ class DataConfig(_Section):
         gt=0.0,
         description="Size cap of the latent disk cache in GiB; the least recently used entries are removed beyond it.",
     )
+    buckets: bool = Field(
+        False,
+        description="Aspect-ratio buckets: each image goes to the bucket (about train.resolution² pixels) nearest its aspect, with a minimal crop, instead of a square crop (xti.buckets).",
+    )
+    bucket_step: int | None = Field(
+        None,
+        ge=1,
+        description="Bucket side step in pixels; null = the VAE's downscale factor x 8 (64 for SD/SDXL, 16 for the demo model).",
+    )
+    bucket_max_aspect: float = Field(
+        4.0,
+        ge=1.0,
+        description="Longest bucket side over its shortest at most this; wider images go to the widest bucket and are cropped.",
+    )
+    masks: bool = Field(
+        False,
+        description="Weight the loss by each image's mask: metadata.jsonl's `mask` column, a <stem>.mask.png beside it, or its alpha channel (xti.masks).",
+    )
+    mask_floor: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Loss weight of masked-out pixels (0: ignored; 1: as if there were no mask); 0.1 keeps the subject's outline (README, masks).",
+    )
 
 
 class ConceptConfig(_Section):
@@ -215,8 +239,25 @@ class KDEConfig(_Section):
         gt=0.0,
         description="Kernel bandwidth h; null uses the median nearest-neighbour distance within R.",
     )
+    bandwidth_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="Multiplies the bandwidth h (the given one or the nearest-neighbour median): 0.5 = a density twice as sharp.",
+    )
+    layer_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weight of the KDE per layer selection (a group such as fine or coarse, a name or a range); unnamed layers weigh 1, {} is the plain mean.",
+    )
 
-    @field_validator("weight", "bandwidth")
+    @field_validator("layer_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, w in v.items() if not (math.isfinite(w) and w >= 0)]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0 (see {', '.join(bad)})")
+        return v
+
+    @field_validator("weight", "bandwidth", "bandwidth_scale")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
@@ -238,6 +279,60 @@ class KDEConfig(_Section):
         if isinstance(v, list) and (not v or any(not str(w).strip() for w in v)):
             raise ValueError("must be 'vocabulary' or a non-empty list of non-empty words")
         return v
+
+
+class NormRegularizerConfig(_Section):
+    """The norm regulariser (`xti.regularizers.norm`)."""
+
+    weight: float = Field(
+        0.1,
+        ge=0.0,
+        description="λ: its gradient is added at λ times the diffusion gradient's norm; 0 turns it off.",
+    )
+    target: Literal["initializer", "reference"] = Field(
+        "initializer",
+        description="Target norm: the initializer's vectors' mean norm, or the KDE reference rows' mean norm.",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class InitPullConfig(_Section):
+    """The pull toward the initializer (`xti.regularizers.init_pull`)."""
+
+    weight: float = Field(
+        0.1,
+        ge=0.0,
+        description="λ: its gradient is added at λ times the diffusion gradient's norm; 0 turns it off.",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class RegularizerConfig(_Section):
+    """Which regulariser joins the diffusion gradient (`xti.regularizers`); the KDE's own settings
+    stay in the ``kde`` section."""
+
+    kind: Literal["kde", "norm", "init_pull", "none"] = Field(
+        "kde",
+        description="kde (settings in the kde section), norm, init_pull or none.",
+    )
+    norm: NormRegularizerConfig = Field(
+        default_factory=NormRegularizerConfig, description="The norm regulariser's settings."
+    )
+    init_pull: InitPullConfig = Field(
+        default_factory=InitPullConfig, description="The initializer pull's settings."
+    )
 
 
 class TrainConfig(_Section):
@@ -381,6 +476,10 @@ class Config(_Section):
     )
     xti: XTISection = Field(default_factory=XTISection, description="Layer granularity.")
     kde: KDEConfig = Field(default_factory=KDEConfig, description="KDE regulariser.")
+    regularizer: RegularizerConfig = Field(
+        default_factory=RegularizerConfig,
+        description="Which regulariser (kde, norm, init_pull, none).",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Loop settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Metrics tracker.")
     validation: ValidationConfig = Field(

@@ -15,6 +15,10 @@ This module owns the image side of a training step (DESIGN §3.1):
 4. Every step, `pick_augmentations` chooses one augmentation per image and `LatentCache.sample`
    draws latents from its distribution; both use only the generator they are given, so a resumed
    run replays the same data.
+
+Aspect-ratio buckets and loss masks (`data.buckets`, `data.masks`) build on these types:
+`xti.buckets` resizes and crops to each image's bucket (masks alongside) and keeps a `LatentCache`
+per bucket, `xti.masks` reads the masks into `ImageRecord.mask`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
 METADATA_FILE = "metadata.jsonl"
+MASK_SUFFIX = ".mask.png"  # `<stem>.mask.png`: the mask of `<stem>.<ext>` (with data.masks)
 
 # Prompt templates used for images without a caption; "{}" is replaced by the placeholder.
 OBJECT_TEMPLATES: list[str] = [
@@ -101,6 +106,7 @@ class ImageRecord:
     source: str
     image: Image.Image
     caption: str | None
+    mask: np.ndarray | None = None  # [H, W] float32 in [0, 1] (`xti.masks`, with data.masks)
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
@@ -212,12 +218,20 @@ def _load_dir(cfg: DataConfig) -> list[ImageRecord]:
     files = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not (cfg.masks and p.name.lower().endswith(MASK_SUFFIX))
     )
     if not files:
         exts = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
         raise XTIError(f"data.dir {folder} contains no images ({exts}): add some images to it")
 
+    if not cfg.masks and any(p.name.lower().endswith(MASK_SUFFIX) for p in files):
+        logger.warning(
+            "%s holds *%s files, read as training images: set data.masks=true to use them as "
+            "masks", folder, MASK_SUFFIX,
+        )  # fmt: skip
     metadata: dict[str, str | None] | None = None
     if (folder / METADATA_FILE).is_file():
         metadata = _read_metadata(folder, cfg.caption_column)
@@ -467,7 +481,8 @@ class Augmentations:
 
     `pixels` [K, 3, R, R] float32 in [-1, 1]; `image_index` [K] long (record of each augmentation);
     `flipped` [K] bool; `crop_top_left` [K, 2] long (top, left of the crop in the resized image);
-    `original_size` [K, 2] long (height, width of the original image).
+    `original_size` [K, 2] long (height, width of the original image); `mask` [K, 1, H, W] float
+    in [0, 1], cropped and flipped with the pixels, when the images have masks (`xti.buckets`).
     """
 
     pixels: torch.Tensor
@@ -475,6 +490,7 @@ class Augmentations:
     flipped: torch.Tensor | None = None
     crop_top_left: torch.Tensor | None = None
     original_size: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         k = self.pixels.shape[0]
@@ -601,7 +617,10 @@ class LatentCache:
     """VAE latent distribution of every augmentation, float32 on the CPU.
 
     `sample` returns ``(mean + std * noise - shift_factor) * scaling_factor`` — the latents the
-    UNet is trained on — with the noise drawn from the given CPU generator.
+    UNet is trained on — with the noise drawn from the given CPU generator. `target_size` is the
+    (height, width) in pixels of its augmentations (a bucket, `xti.buckets`; None: the square
+    `train.resolution`); `loss_weight` [K, 1, h, w] the per-latent-pixel loss weights of masked
+    images (`xti.masks`), None without masks.
     """
 
     mean: torch.Tensor
@@ -612,6 +631,8 @@ class LatentCache:
     shift_factor: float = 0.0
     crop_top_left: torch.Tensor | None = None
     original_size: torch.Tensor | None = None
+    target_size: tuple[int, int] | None = None
+    loss_weight: torch.Tensor | None = None
     _by_image: list[tuple[torch.Tensor, torch.Tensor]] = field(
         init=False, repr=False, compare=False, default_factory=list
     )

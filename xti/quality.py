@@ -61,6 +61,10 @@ DEMO_CONFIGS: dict[str, str] = {
 }
 """The training config of each demo concept (`xti.demo.procedural.DEMO_CONCEPTS`), relative to the repo."""
 
+CLUTTERED_CONFIG = "configs/demo-cluttered-cross.yaml"
+"""The demo's non-square concept with masks (`xti.demo.cluttered`), compared with and without its
+masks by ``bench/quality.py --masks``."""
+
 SCORES: dict[str, str] = {
     "recon shape": "reconstruction.shape",
     "recon colour": "reconstruction.colour",
@@ -260,6 +264,17 @@ def mixing_control_probes(
                 )
             )
     return probes
+
+
+def cluttered_probes(folder: str | Path = "data/demo-concepts/cluttered-cross") -> list[Probe]:
+    """Reconstruction and editability probes of the cluttered concept (`xti.demo.cluttered`): its
+    training images are 40x24 scenes with clutter, so the distance is measured to the cross alone,
+    centred on a 32x32 canvas of the probe's background (`clean_reference`), not to those images."""
+    from xti.demo.cluttered import clean_reference
+
+    concept = load_concept(folder)
+    clean = tuple(clean_reference(lab) for lab in concept.labels)
+    return demo_probes(Concept(concept.subject, clean, concept.labels))
 
 
 def image_distance(image: np.ndarray, references: Sequence[np.ndarray]) -> float:

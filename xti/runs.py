@@ -22,7 +22,8 @@ This module owns:
   ``step-NNNNNN.tmp/`` and renamed, so it is complete or absent. `latest_checkpoint` and
   `prune_checkpoints` only consider checkpoints of one run, ordered by step number.
 * **Stop signals.** `StopSignals` turns SIGINT and SIGTERM into `RunInterrupted` at the next step
-  boundary (so a checkpoint can be written from consistent state); a second signal stops at once.
+  boundary (so a checkpoint can be written from consistent state); a second signal stops at once
+  (a repeated SIGTERM does not: a scheduler and a launcher both deliver it).
 """
 
 from __future__ import annotations
@@ -166,11 +167,35 @@ def run_fingerprint(cfg: Any, identity: dict[str, Any], *, world: int) -> dict[s
         "train.noise_offset": tc.noise_offset,
         **{f"kde.{key}": value for key, value in cfg.kde.model_dump().items()},
     }
+    # Settings added with the regulariser choice (issue 21) enter only when they differ from their
+    # defaults, so that checkpoints written before them still match a run with the same config.
+    for key, default in (("bandwidth_scale", 1.0), ("layer_weights", {})):
+        if getattr(cfg.kde, key) == default:
+            fp.pop(f"kde.{key}")
+    if cfg.regularizer.kind != "kde":
+        reg = cfg.regularizer.model_dump()
+        fp["regularizer.kind"] = reg["kind"]
+        if reg["kind"] in ("norm", "init_pull"):
+            fp.update({f"regularizer.{reg['kind']}.{k}": v for k, v in reg[reg["kind"]].items()})
     if named(identity["model.family"]).has_pool_slot:
         fp["xti.pooled"] = cfg.xti.pooled
     if tc.lr_scheduler in DECAYING_SCHEDULES:
         fp["train.max_steps"] = tc.max_steps
+    fp.update(data_fingerprint(cfg.data))
     return json.loads(json.dumps(fp))  # exactly what a checkpoint will hold
+
+
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """The bucket and mask settings (`xti.buckets`, `xti.masks`), when on: they decide which
+    latents and loss weights a step draws. Off, nothing (fingerprints from before are unchanged)."""
+    fp: dict[str, Any] = {}
+    if data.buckets:
+        fp.update(
+            {f"data.{k}": getattr(data, k) for k in ("buckets", "bucket_step", "bucket_max_aspect")}
+        )
+    if data.masks:
+        fp.update({"data.masks": True, "data.mask_floor": data.mask_floor})
+    return fp
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -676,8 +701,9 @@ class StopSignals:
     Between `enter_step` and `leave_step` a first signal is only recorded, and `check` raises it
     after the step; outside a step it raises at once (unless `defer_always`, used with several
     processes, where `check` agrees on the stop across ranks so that all stop at the same step). A
-    second signal always raises at once. Handlers are installed only in the main thread, and the
-    previous ones are restored on exit.
+    second signal raises at once, except a repeated SIGTERM (schedulers and launchers deliver the
+    same SIGTERM more than once; SIGKILL after their grace period is their escalation). Handlers
+    are installed only in the main thread, and the previous ones are restored on exit.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -704,10 +730,15 @@ class StopSignals:
         first = self.requested is None
         if first:
             self.requested = signum
+        elif signum == self.requested == signal.SIGTERM:
+            # The same request again, not an escalation: Slurm signals every process of a job
+            # step and a launcher in the step (torchrun, accelerate) forwards it to its workers.
+            return
         if first and (self.in_step or self.defer_always):
             logger.warning(
-                "%s received: stopping after this step (send it again to stop at once)",
+                "%s received: stopping after this step (%s to stop at once)",
                 signal.Signals(signum).name,
+                "SIGINT" if signum == signal.SIGTERM else "send it again",
             )
             return
         raise RunInterrupted(signum)

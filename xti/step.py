@@ -3,8 +3,10 @@
 * `step_generator` / `sample_batch`: everything random about a micro-step (which image, which
   augmentation, which prompt, latent sample, noise, timesteps) is a function of ``(seed, micro-step)``
   alone. The *global* batch is drawn and each process takes its slice, so resuming is exact and
-  N processes × B images equal one process × N·B images.
-* `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR).
+  N processes × B images equal one process × N·B images. With aspect-ratio buckets a step's global
+  batch comes from one bucket (`xti.buckets.draw_images`); with masks it carries loss weights.
+* `diffusion_target`, `snr_weights`, `diffusion_loss`: the objective (epsilon or v, min-SNR); the
+  masked loss is `xti.masks.masked_mse`.
 * `compute_loss`: encode per-layer contexts (each text encoder runs once, through the per-layer
   encoder inference shares, `xti.embeddings.encode_per_layer`), run the UNet with them.
 * `relative_movement`: how far the vectors moved from their start.
@@ -26,10 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from xti.buckets import draw_images
 from xti.data import pick_augmentations
 from xti.embeddings import PlaceholderTokens, encode_per_layer, tokenize
 from xti.errors import XTIError
 from xti.families import EncoderPart, ModelFamily
+from xti.masks import masked_mse
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -55,6 +59,7 @@ class Batch:
     ids: dict[str, torch.Tensor]
     image_ids: torch.Tensor
     time_ids: torch.Tensor | None = None
+    loss_weight: torch.Tensor | None = None  # [B, 1, h, w] of masked images (`xti.masks`)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -64,6 +69,7 @@ class Batch:
             ids={name: ids.to(device) for name, ids in self.ids.items()},
             image_ids=self.image_ids.to(device),
             time_ids=self.time_ids.to(device) if self.time_ids is not None else None,
+            loss_weight=None if self.loss_weight is None else self.loss_weight.to(device),
         )
 
 
@@ -112,12 +118,15 @@ def sample_batch(
     """Draw the global batch of a micro-step and return this process's slice.
 
     With `resolution` (the trainer passes it when the family `uses_time_ids`) and a cache that
-    knows crop positions, the batch carries ``time_ids``.
+    knows crop positions, the batch carries ``time_ids`` (target size: the cache's bucket, else
+    `resolution` square). With aspect-ratio buckets (`xti.buckets.BucketedLatents`) the whole
+    global batch comes from one bucket (`xti.buckets.draw_images`); with masks it carries the
+    latents' ``loss_weight``.
     """
     g = step_generator(seed, micro_step)
     num_images = len(prompts.count)
-    image_ids = torch.randint(num_images, (global_batch,), generator=g)
-    aug = pick_augmentations(cache, image_ids, flip_p, g)
+    cache, local_ids, image_ids = draw_images(cache, num_images, global_batch, g)
+    aug = pick_augmentations(cache, local_ids, flip_p, g)
     latents = cache.sample(aug, g)
     pick = (torch.rand(global_batch, generator=g) * prompts.count[image_ids]).long()
     rows = prompts.first_row[image_ids] + pick.clamp(max=prompts.count[image_ids] - 1)
@@ -128,7 +137,8 @@ def sample_batch(
     time_ids = None
     original = getattr(cache, "original_size", None)
     if resolution is not None and original is not None:
-        target = torch.tensor([resolution, resolution]).expand(global_batch, 2)
+        size = getattr(cache, "target_size", None) or (resolution, resolution)
+        target = torch.tensor(size).expand(global_batch, 2)
         time_ids = torch.cat([original[aug], cache.crop_top_left[aug], target], dim=1).float()
     per = global_batch // world_size
     s = slice(rank * per, (rank + 1) * per)
@@ -139,7 +149,14 @@ def sample_batch(
         ids={name: table[rows][s] for name, table in prompts.ids.items()},
         image_ids=image_ids[s],
         time_ids=time_ids[s] if time_ids is not None else None,
+        loss_weight=_loss_weight(cache, aug, s),
     )
+
+
+def _loss_weight(cache: Any, aug: torch.Tensor, s: slice) -> torch.Tensor | None:
+    """The batch slice's per-latent-pixel loss weights (masked runs), else None."""
+    weight = getattr(cache, "loss_weight", None)
+    return None if weight is None else weight[aug][s]
 
 
 def diffusion_target(
@@ -238,7 +255,10 @@ def compute_loss(
     weights = None
     if snr_gamma is not None:
         weights = snr_weights(snr(m.scheduler, batch.timesteps), snr_gamma, m.prediction_type)
-    mse = diffusion_loss(pred, target, weights)
+    if batch.loss_weight is not None:
+        mse = masked_mse(pred, target, batch.loss_weight, weights)
+    else:
+        mse = diffusion_loss(pred, target, weights)
     return mse, {"mse": mse.detach()}
 
 

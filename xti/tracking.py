@@ -35,6 +35,7 @@ from PIL import Image
 
 from xti.errors import XTIError
 from xti.families import named
+from xti.regularizers import describe as describe_regularizer
 
 if TYPE_CHECKING:
     from xti.config import Config
@@ -258,6 +259,7 @@ def write_model_card(
         f"| initializer | `{c['concept']['initializer']}` |",
         *_init_from_rows(init_from),
         f"| KDE weight (relative) | {c['kde']['weight']} (reference: {_kde_reference(c['kde'])}) |",
+        f"| regulariser | {describe_regularizer(c)} |",
         f"| layers | {', '.join(layers)} |",
         *_timing_rows(timing),
         "",
@@ -504,10 +506,10 @@ def warn_if_frozen(cfg: Config, moved: float, step: int) -> bool:
         return False
     logger.warning(
         "the run looks frozen: after %d of %d steps the vectors moved %.3g%% of their initial norm "
-        "(under %g%%). Raise train.lr (now %g) or lower kde.weight (now %g); check "
+        "(under %g%%). Raise train.lr (now %g) or lower the regulariser's weight (now %s); check "
         "train.lr_warmup_steps (now %d) too.",
         step, cfg.train.max_steps, 100 * moved, 100 * FROZEN_THRESHOLD, cfg.train.lr,
-        cfg.kde.weight, cfg.train.lr_warmup_steps,
+        describe_regularizer(cfg.model_dump()), cfg.train.lr_warmup_steps,
     )  # fmt: skip
     return True
 

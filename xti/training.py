@@ -36,6 +36,7 @@ from torch import nn
 
 from xti import runs
 from xti.attention import install_processors
+from xti.buckets import prepare_latents
 from xti.callbacks import (
     CheckpointSaved,
     EventLog,
@@ -45,6 +46,7 @@ from xti.callbacks import (
     dispatch,
 )
 from xti.checks import (
+    check_buckets,
     check_mix_with,
     check_prompts,
     check_resolution,
@@ -53,6 +55,7 @@ from xti.checks import (
 )
 from xti.config import Config
 from xti.data import augment, check_captions, load_images, prompts_per_image
+from xti.distributed import check_world_size
 from xti.embeddings import (
     ConceptSet,
     ConceptVectors,
@@ -66,11 +69,18 @@ from xti.errors import XTIError
 from xti.export import EmbeddingFile, build_metadata, save_embedding_file
 from xti.families import EncoderPart
 from xti.init_from import InitTarget, InitVectors, load_init_from
-from xti.kde import KDERegularizer, KDEStats, add_relative_kde_gradient
+from xti.kde import KDERegularizer, KDEStats
 from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
+from xti.masks import attach_masks
 from xti.models import ModelBundle, load_model
 from xti.paths import atomic_write_bytes
+from xti.regularizers import (
+    Regularization,
+    add_relative_gradient,
+    regularizer_terms,
+    variant_weights,
+)
 from xti.step import (
     Batch,
     PromptTable,
@@ -115,6 +125,13 @@ def build_kdes(
             reg = KDERegularizer.from_reference(
                 embeddings[part.name].weight, part.tokenizer, cfg.kde.reference, cfg.kde.bandwidth
             )
+            if cfg.kde.bandwidth_scale != 1.0:
+                reg = KDERegularizer.from_reference(
+                    embeddings[part.name].weight,
+                    part.tokenizer,
+                    cfg.kde.reference,
+                    reg.bandwidth * cfg.kde.bandwidth_scale,
+                )
         except ValueError as e:
             raise XTIError(f"{e} ({part.name} text encoder)") from None
         logger.info(
@@ -232,6 +249,7 @@ class ConceptPlan:
     num_variants: int
     pooled: str  # `xti.pooled`
     kdes: dict[str, KDERegularizer]  # per encoder (values always logged; gradient when weight > 0)
+    regularization: Regularization  # `regularizer.kind`'s term per encoder and its λ
     clean_tokenizers: dict[str, Any]  # copies without the placeholder (validation pipelines)
     start: InitVectors | None = None  # `concept.init_from`'s vectors (None: the initializer's)
 
@@ -348,6 +366,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.dtype = _weight_dtype(self.accelerator.mixed_precision)
         self.world = self.accelerator.num_processes
+        check_world_size(self.world)  # a launcher that formed no group: one line, nothing written
         self.is_main = self.accelerator.is_main_process
         self.run = self.identify_run()
         self.claim_folder()
@@ -381,8 +400,11 @@ class Trainer:
         mix_file = load_mix_with(cfg)
         records = load_images(cfg.data)
         check_captions(records, cfg.concept.placeholder)
+        if cfg.data.masks:
+            attach_masks(records, cfg.data)
         bundle = self.given_bundle if self.given_bundle is not None else load_model(cfg.model)
         check_resolution(cfg, bundle.vae)
+        check_buckets(cfg, bundle.vae)
         identity = runs.model_identity(bundle)  # before the models are cast
         return RunInputs(resume_from, mix_file, records, bundle, identity)
 
@@ -412,6 +434,9 @@ class Trainer:
         check_mix_with(cfg, self.inputs.mix_file, scheme, self.family, embeddings)
         variant_of_layer = layer_variants(len(scheme), granularity)
         num_variants = 1 if granularity == "shared" else len(scheme)
+        weights = variant_weights(
+            cfg.kde.layer_weights, scheme.select, variant_of_layer, num_variants, scheme.names
+        )
         start = None
         if concept.init_from:
             widths = {name: int(init.shape[-1]) for name, init in inits.items()}
@@ -430,6 +455,7 @@ class Trainer:
             num_variants=num_variants,
             pooled=cfg.xti.pooled,
             kdes=kdes,
+            regularization=regularizer_terms(cfg, kdes, inits, weights),
             clean_tokenizers=clean,
             start=start,
         )
@@ -494,6 +520,8 @@ class Trainer:
         this VAE encoded these pixels before: the VAE is then neither moved nor called), and the
         tokenized prompts."""
         cfg, tc, records = self.cfg, self.tc, self.inputs.records
+        if cfg.data.buckets or cfg.data.masks:
+            return self.prepare_bucketed_data()
         aug = augment(
             records,
             tc.resolution,
@@ -511,6 +539,25 @@ class Trainer:
             device=self.device,
             progress=self.progress and self.is_main,
         )
+        if self.is_main:
+            logger.info("latents: %s", report.describe())
+        prompts = PromptTable.build(
+            {p.name: p.tokenizer for p in self.parts},
+            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
+            self.plan.tokens,
+        )
+        return RunData(cache, report, prompts)
+
+    def prepare_bucketed_data(self) -> RunData:
+        """`prepare_data` with aspect-ratio buckets or masks: latents per bucket, with the masks'
+        loss weights (`xti.buckets.prepare_latents`)."""
+        cfg, tc, records = self.cfg, self.tc, self.inputs.records
+        disk = LatentDiskCache(max_bytes=int(cfg.data.latent_cache_max_gb * 2**30))
+        cache, report = prepare_latents(
+            records, cfg.data, resolution=tc.resolution, seed=tc.seed, vae=self.bundle.vae,
+            disk=disk if cfg.data.latent_cache else None, device=self.device,
+            progress=self.progress and self.is_main,
+        )  # fmt: skip
         if self.is_main:
             logger.info("latents: %s", report.describe())
         prompts = PromptTable.build(
@@ -706,10 +753,7 @@ class Trainer:
         # The diffusion gradient is now complete (accumulated, synchronised); unscale it once,
         # then add the KDE gradient relative to it, then clip (DESIGN §4).
         accelerator.unscale_gradients()
-        kde_stats = None
-        if self.cfg.kde.weight > 0:
-            vectors = {n: self.opt.raw.sets[n].vectors for n in self.plan.kdes}
-            kde_stats = add_relative_kde_gradient(vectors, self.plan.kdes, self.cfg.kde.weight)
+        kde_stats = self.regularize()
         params = list(self.opt.raw.parameters())
         if self.tc.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
@@ -723,6 +767,15 @@ class Trainer:
         mean_loss = accelerator.reduce(total_loss, reduction="mean").item()
         seconds = time.perf_counter() - t_step  # .item() waited for the device
         return StepOutcome(self.step, mean_loss, parts, grad_norm, kde_stats, seconds)
+
+    def regularize(self) -> dict[str, KDEStats] | None:
+        """The regulariser's gradient joined to the complete diffusion gradient (DESIGN §4,
+        `xti.regularizers`); None when it is off (λ = 0 or kind none)."""
+        reg = self.plan.regularization
+        if not reg.weight > 0 or not reg.terms:
+            return None
+        vectors = {n: self.opt.raw.sets[n].vectors for n in reg.terms}
+        return add_relative_gradient(vectors, reg.terms, reg.weight)
 
     def record(self, s: StepOutcome) -> None:
         """Keep the step's loss and time (after the non-finite guard), warn once about a frozen
@@ -815,7 +868,8 @@ class Trainer:
             family=self.family.name,
             base_model=self.bundle.source,
             text_dims={name: int(init.shape[-1]) for name, init in self.plan.inits.items()},
-            kde_weight=self.cfg.kde.weight,
+            # the KDE's λ when it is the regulariser (the model card names any other one)
+            kde_weight=self.cfg.kde.weight if self.cfg.regularizer.kind == "kde" else 0.0,
             steps=self.step,
             title=self.name,
             extra=self.metadata_extra(),

@@ -277,6 +277,28 @@ def render(label: Label, supersample: int = 4) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def render_scene(
+    labels: Sequence[Label], width: int, height: int, background: str, supersample: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw several shapes on one ``width × height`` canvas, later labels on top (positions in
+    canvas pixels, patterns at the 32-px scale). Returns the ``uint8`` RGB image and the fraction of
+    each pixel the *last* label covers where it shows (``(H, W)`` in [0, 1]): its mask."""
+    s = supersample
+    x, y = np.meshgrid((np.arange(width * s) + 0.5) / s, (np.arange(height * s) + 0.5) / s)
+    img = np.broadcast_to(np.asarray(BACKGROUNDS[background], np.float32), x.shape + (3,)).copy()
+    inside = np.zeros(x.shape, dtype=bool)
+    for label in labels:
+        half = label.size / 2.0
+        cx, cy = label.position
+        inside = _inside(label.shape, (x - cx) / half, (y - cy) / half)
+        dark = _pattern_mask(label.pattern, x + label.phase[0], y + label.phase[1], 1.0)
+        fg = np.asarray(COLOURS[label.colour], np.float32)
+        img[inside] = np.where(dark[inside][:, None], fg * PATTERN_SHADE, fg)
+    img = img.reshape(height, s, width, s, 3).mean(axis=(1, 3))
+    mask = inside.reshape(height, s, width, s).mean(axis=(1, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask.astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------------
