@@ -17,6 +17,7 @@ BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "com
 # What each smoke run must print: a table row with figures, not just "no crash".
 NUMBER = r"\d+(\.\d+)?"
 EXPECTED = {
+    "concepts.py": rf"tiny-sd1: one run / separate runs wall-time ratio: {NUMBER}",
     "demo_model.py": rf"colour {NUMBER}%\s+shape {NUMBER}%\s+background {NUMBER}%",
     "first_step.py": rf"second run reaches its first step -?{NUMBER} s sooner",
     "gpu_check.py": rf"sdxl \| diffusers-style TI \(reference\) \| fp16 \| 2x1 \| 32 \| {NUMBER} \|",

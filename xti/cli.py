@@ -21,11 +21,28 @@ from xti.parsing import embedding_args, parse_assignments, parse_size
 from xti.paths import check_file_name, check_output_dir
 
 
+def _train_concepts(cfg: Any, *, progress: bool) -> int:
+    """`xti train` of a `concepts:` config (`xti.concepts`): one line per concept."""
+    from xti.concepts import train_concepts
+
+    out = train_concepts(cfg, progress=progress)
+    for name, result in out.results.items():
+        if result.output_file is not None:
+            last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
+            print(f"wrote {result.output_file} ({name}: {result.steps} steps{last})")
+    for name, error in out.failed.items():
+        print(f"error: concept {name}: {error}")
+    print(f"{len(out.results)} concept(s) in {out.seconds:.1f} s; index {out.index_file}")
+    return 1 if out.failed else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from xti.config import load_config
     from xti.training import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.concepts is not None:
+        return _train_concepts(cfg, progress=not args.no_progress)
     result = train(cfg, progress=not args.no_progress)
     if result.output_file is not None:
         last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""

@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from xti.errors import XTIError
@@ -163,6 +164,10 @@ class ConceptConfig(_Section):
         le=75,
         description="Vectors per layer; the placeholder expands to this many tokens (at most 75, CLIP's 77 minus start and end, less the prompt's other words).",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from this embedding (.safetensors: an xti file, a kohya XTI file or a plain TI file, copied to every layer); a new run with a fresh optimizer, not a resume.",
+    )
 
     @field_validator("placeholder")
     @classmethod
@@ -177,6 +182,31 @@ class ConceptConfig(_Section):
         if not v.strip():
             raise ValueError("must not be empty: give a word close to the concept, e.g. 'toy'")
         return v
+
+
+class ConceptEntry(ConceptConfig):
+    """One concept of a several-concept run (`concepts:`): the `concept` fields, its name and images."""
+
+    name: str | None = Field(
+        None,
+        description="Folder and file-name stem of this concept (default: placeholder without <>).",
+    )
+    data: str = Field(
+        ..., description="This concept's image folder (replaces data.dir; other data.* are shared)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _entry_name_is_a_file_name(cls, v: str | None) -> str | None:
+        problem = file_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(f"{problem} (it names a folder and files, e.g. my-concept)")
+        return v
+
+    @property
+    def concept_name(self) -> str:
+        """`name`, or the placeholder's file-name stem."""
+        return self.name or placeholder_stem(self.placeholder)
 
 
 class XTISection(_Section):
@@ -455,6 +485,41 @@ class Config(_Section):
     validation: ValidationConfig = Field(
         default_factory=ValidationConfig, description="Validation samples."
     )
+    concepts: list[ConceptEntry] | None = Field(
+        None,
+        description="Several concepts trained in one process (each: placeholder, initializer, data, n_vectors, init_from, name) instead of `concept`; see xti.concepts.",
+    )
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts_distinct(cls, v: list[ConceptEntry] | None) -> list[ConceptEntry] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must list at least one concept (or leave it out and use concept:)")
+        for what, values in (
+            ("name", [c.concept_name for c in v]),
+            ("placeholder", [c.placeholder for c in v]),
+        ):
+            dup = next((x for x in values if values.count(x) > 1), None)
+            if dup is not None:
+                raise ValueError(f"two concepts have the {what} {dup!r}; give each its own")
+        return v
+
+    @model_validator(mode="after")
+    def _concepts_or_concept(self) -> Config:
+        """With `concepts:`, the one-concept fields (`concept`, `name`, `data.dir`/`data.dataset`)
+        must stay unset: each concept has its own."""
+        if self.concepts is None:
+            return self
+        given = [k for k in ("concept", "name") if k in self.model_fields_set]
+        given += [f"data.{k}" for k in ("dir", "dataset") if getattr(self.data, k) is not None]
+        if given:
+            raise ValueError(
+                f"with concepts:, {', '.join(given)} must not be set: give each concept its own "
+                "placeholder, initializer, name and data"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -225,11 +225,13 @@ def write_model_card(
     final_loss: float | None,
     grid: Path | None,
     timing: dict[str, Any] | None = None,
+    init_from: dict[str, str] | None = None,
 ) -> Path:
     """Write ``README.md`` into the output folder: base model, settings, timing, samples, and how
     to generate with the file in a diffusers pipeline.
 
-    `timing` holds ``summary.json``'s timing fields (`TIMING_KEYS`).
+    `timing` holds ``summary.json``'s timing fields (`TIMING_KEYS`); `init_from` the start file
+    (`xti.init_from.InitSource.as_dict`) when the run began from one.
 
     A ``README.md`` that xti did not write (no `MODEL_CARD_MARKER` first line) is never replaced:
     the card then goes to ``MODEL_CARD.md`` with a warning. Returns the path written.
@@ -255,6 +257,7 @@ def write_model_card(
         f"| learning rate | {c['train']['lr']} ({c['train']['lr_scheduler']}) |",
         f"| resolution | {c['train']['resolution']} |",
         f"| initializer | `{c['concept']['initializer']}` |",
+        *_init_from_rows(init_from),
         f"| KDE weight (relative) | {c['kde']['weight']} (reference: {_kde_reference(c['kde'])}) |",
         f"| regulariser | {describe_regularizer(c)} |",
         f"| layers | {', '.join(layers)} |",
@@ -270,6 +273,16 @@ def write_model_card(
         path = folder / "MODEL_CARD.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def _init_from_rows(init_from: dict[str, str] | None) -> list[str]:
+    """The model card's row for the start file (`concept.init_from`), when there is one."""
+    if not init_from:
+        return []
+    return [
+        f"| started from | `{init_from['path']}` ({init_from['layout']} file, sha256 "
+        f"`{init_from['sha256']}`; a new run, fresh optimizer) |"
+    ]
 
 
 def _usage_section(

@@ -68,6 +68,7 @@ from xti.embeddings import (
 from xti.errors import XTIError
 from xti.export import EmbeddingFile, build_metadata, save_embedding_file
 from xti.families import EncoderPart
+from xti.init_from import InitTarget, InitVectors, load_init_from
 from xti.kde import KDERegularizer, KDEStats
 from xti.latent_cache import LatentDiskCache, LatentReport, cached_latents
 from xti.layers import LayerScheme, layer_scheme
@@ -198,6 +199,8 @@ def train(
         XTIError: bad input, detected before anything is written; or a diverged run (non-finite
             loss or vectors), stopped without exporting.
     """
+    if cfg.concepts is not None:
+        raise XTIError("this config lists concepts: train it with xti.concepts.train_concepts")
     with Trainer(
         cfg, bundle=bundle, progress=progress, stop_at_step=stop_at_step, callbacks=callbacks
     ) as trainer:
@@ -248,6 +251,7 @@ class ConceptPlan:
     kdes: dict[str, KDERegularizer]  # per encoder (values always logged; gradient when weight > 0)
     regularization: Regularization  # `regularizer.kind`'s term per encoder and its λ
     clean_tokenizers: dict[str, Any]  # copies without the placeholder (validation pipelines)
+    start: InitVectors | None = None  # `concept.init_from`'s vectors (None: the initializer's)
 
     @property
     def layer_names(self) -> list[str]:
@@ -433,6 +437,14 @@ class Trainer:
         weights = variant_weights(
             cfg.kde.layer_weights, scheme.select, variant_of_layer, num_variants, scheme.names
         )
+        start = None
+        if concept.init_from:
+            widths = {name: int(init.shape[-1]) for name, init in inits.items()}
+            target = InitTarget(
+                self.family, widths, scheme.names, variant_of_layer, num_variants,
+                cfg.xti.pooled, concept.n_vectors,
+            )  # fmt: skip
+            start = load_init_from(concept.init_from, target)
         return ConceptPlan(
             tokens=tokens,
             inits=inits,
@@ -445,6 +457,7 @@ class Trainer:
             kdes=kdes,
             regularization=regularizer_terms(cfg, kdes, inits, weights),
             clean_tokenizers=clean,
+            start=start,
         )
 
     def start_accelerator(self) -> Any:
@@ -596,6 +609,8 @@ class Trainer:
                 for p in self.parts
             }
         )
+        if plan.start is not None:  # a new run from a file: its vectors, a fresh optimizer
+            plan.start.copy_into(raw.sets)
         initial = {k: v.detach().clone() for k, v in raw().items()}
         optimizer = torch.optim.AdamW(
             raw.parameters(),
@@ -667,6 +682,18 @@ class Trainer:
     def run_steps(self) -> None:
         """Optimizer steps until the end step, each followed by the `after_step` events. On
         SIGINT/SIGTERM: a checkpoint and the vectors are saved, then the interrupt goes on."""
+        with contextlib.closing(self.open_progress()):
+            try:
+                while self.step < self.end_step:
+                    self.step_once()
+                    self.stop.check(self.accelerator)
+            except KeyboardInterrupt:
+                self.bar.close()
+                self.save_interrupted()
+                raise
+
+    def open_progress(self) -> Any:
+        """The progress bar of the steps (main process, when `progress`)."""
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -676,19 +703,17 @@ class Trainer:
             desc=f"xti {self.name}",
             unit="step",
         )
-        with contextlib.closing(self.bar):
-            try:
-                while self.step < self.end_step:
-                    self.stop.enter_step()
-                    outcome = self.optimizer_step()
-                    self.record(outcome)
-                    for event in self.after_step:
-                        event(outcome)
-                    self.stop.check(self.accelerator)
-            except KeyboardInterrupt:
-                self.bar.close()
-                self.save_interrupted()
-                raise
+        return self.bar
+
+    def step_once(self) -> StepOutcome:
+        """One optimizer step, recorded, then its `after_step` events (`run_steps`' loop body;
+        `xti.concepts` drives several Trainers with it)."""
+        self.stop.enter_step()
+        outcome = self.optimizer_step()
+        self.record(outcome)
+        for event in self.after_step:
+            event(outcome)
+        return outcome
 
     def micro_batch(self, micro_step: int) -> Batch:
         """This process's batch of one micro-step, on the device."""
@@ -847,9 +872,16 @@ class Trainer:
             kde_weight=self.cfg.kde.weight if self.cfg.regularizer.kind == "kde" else 0.0,
             steps=self.step,
             title=self.name,
-            extra=self.family.metadata_extra(self.plan.pooled),
+            extra=self.metadata_extra(),
         )
         return save_embedding_file(path, self.file_vectors(), meta)
+
+    def metadata_extra(self) -> dict[str, str] | None:
+        """The family's file metadata, and the start file's (`xti.init_from`) when there is one."""
+        extra = self.family.metadata_extra(self.plan.pooled)
+        if self.plan.start is None:
+            return extra
+        return {**(extra or {}), **self.plan.start.source.metadata()}
 
     def checkpoint(self, step: int) -> None:
         """Save a checkpoint of this run (main process; safetensors + JSON), prune its old ones."""
@@ -1043,6 +1075,7 @@ class Trainer:
             final_loss=self.summary["final_loss"],
             grid=result.samples_file,
             timing={k: self.summary[k] for k in TIMING_KEYS},
+            init_from=self.plan.start.source.as_dict() if self.plan.start else None,
         )
 
     def record_end(self, result: TrainResult) -> None:

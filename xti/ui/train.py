@@ -7,6 +7,11 @@ in training cannot take the server down. Stop sends SIGINT, the same clean stop 
 step finishes, a checkpoint and ``<name>.interrupted.xti.safetensors`` are saved). Progress comes
 from the files the run writes: ``logs/metrics.jsonl`` (``tracking.report_to=jsonl``, one line per
 step) and the run's events (``logs/events.jsonl``, `xti.callbacks`: each validation grid saved).
+
+A base config that lists several concepts (``concepts:``, `xti.concepts`) trains them all: the
+form's placeholder, initializer and image folder then show its first concept and are not sent
+(each concept keeps its own), and the progress reads every concept's folder (the run's step is
+the slowest concept's; the loss curve has a line per concept; the grid is the newest of any).
 """
 
 from __future__ import annotations
@@ -64,15 +69,37 @@ class TrainForm:
 
 
 def form_from_config(path: str) -> dict[str, Any]:
-    """The form's values as a config file sets them (`TrainForm` field names, `CONFIG_FIELDS`)."""
+    """The form's values as a config file sets them (`TrainForm` field names, `CONFIG_FIELDS`);
+    a several-concept config's first concept fills the concept fields."""
     from xti.config import load_config
 
     cfg = load_config(str(existing_file(path, "base config")), [])
-    return {
+    values = {
         f.name: f.from_config(functools.reduce(getattr, f.key.split("."), cfg))
         for f in FORM
         if f.from_config is not None and f.key is not None
     }
+    if cfg.concepts:
+        first = cfg.concepts[0]
+        values.update(
+            placeholder=first.placeholder, initializer=first.initializer, images=_locate(first.data)
+        )
+    return values
+
+
+CONCEPT_KEYS = frozenset({"name", "concept.placeholder", "concept.initializer", "data.dir"})
+"""The form's keys that a several-concept base config keeps per concept (not sent)."""
+
+
+def base_concepts(config: str) -> list[Any]:
+    """The base config's ``concepts:`` (`xti.config.ConceptEntry`), empty for a one-concept config
+    or a file that does not load (the form's check reports that)."""
+    from xti.config import load_config
+
+    try:
+        return list(load_config(config.strip(), []).concepts or [])
+    except XTIError:
+        return []
 
 
 def _locate(path: str) -> str:
@@ -191,13 +218,18 @@ CONFIG_FIELDS = [f.name for f in FORM if f.from_config is not None]
 def overrides(form: TrainForm) -> list[str]:
     """The form as ``key=value`` overrides of the base config (the run's name from the
     placeholder; metrics always go to jsonl, which the live loss curve reads)."""
+    several = bool(base_concepts(form.config))
     items: list[tuple[str, Any]] = [("name", placeholder_stem(form.placeholder))]
     for f in FORM:
+        if several and f.key in CONCEPT_KEYS:
+            continue
         if f.key is not None and f.to_config is not None:
             value = f.to_config(getattr(form, f.name))
             if value is not None:
                 items.append((f.key, value))
     items.append(("tracking.report_to", "jsonl"))
+    if several:
+        items = [(k, v) for k, v in items if k not in CONCEPT_KEYS]
     return [f"{key}={_value(value)}" for key, value in items]
 
 
@@ -214,7 +246,8 @@ def checked_config(form: TrainForm) -> Any:
 
     existing_file(form.config, "base config")
     model_path(form.model)
-    existing_dir(form.images, "image folder")
+    if not base_concepts(form.config):
+        existing_dir(form.images, "image folder")
     return load_config(form.config.strip(), overrides(form))
 
 
@@ -280,7 +313,8 @@ class TrainJob:
         self.max_steps = 0
         self.started = 0.0
         self.stop_requested = False
-        self.earlier_events = 0  # events of earlier runs in the same output folder
+        self.concepts: list[tuple[str, Path]] = []  # (name, folder) of each concept of the run
+        self.earlier_events: dict[Path, int] = {}  # per folder, events of earlier runs in it
 
     @property
     def running(self) -> bool:
@@ -299,8 +333,9 @@ class TrainJob:
             self.lines.clear()
         self.output_dir = Path(cfg.output_dir).expanduser()
         self.name, self.max_steps = cfg.concept_name, cfg.train.max_steps
+        self.concepts = concept_folders(cfg)
         self.started, self.stop_requested = time.time(), False
-        self.earlier_events = len(read_events(self.output_dir))
+        self.earlier_events = {f: len(read_events(f)) for _, f in self.concepts}
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -348,12 +383,11 @@ class TrainJob:
 
     def progress(self) -> Progress:
         """Where the run is: metrics so far, the newest validation grid, time left, its state."""
-        from xti.tracking import METRICS_FILE, read_metrics
-
         if self.proc is None or self.output_dir is None:
             return Progress(False, "no run yet")
-        rows = read_metrics(self.output_dir / "logs" / METRICS_FILE)
-        step = max((r["step"] for r in rows), default=0)
+        per_concept = concept_metrics(self.concepts)
+        rows = [r for _, concept_rows in per_concept for r in concept_rows]
+        step = min(max((r["step"] for r in cr), default=0) for _, cr in per_concept)
         snap = Progress(
             self.running,
             "",
@@ -363,16 +397,22 @@ class TrainJob:
             grid=self._newest_grid(),
             log="\n".join(self.printed()),
         )
-        snap.seconds_left = _seconds_left(rows, self.max_steps) if snap.running else None
+        if snap.running:
+            left = [_seconds_left(cr, self.max_steps) for _, cr in per_concept]
+            snap.seconds_left = None if None in left else sum(x for x in left if x is not None)
         snap.state, snap.failed = self._state(step)
         return snap
 
     def _newest_grid(self) -> Path | None:
         """The newest validation grid this run wrote (None before the first), from its events."""
-        assert self.output_dir is not None
-        events = read_events(self.output_dir)[self.earlier_events :]
-        grids = [e.path for e in events if isinstance(e, ValidationImagesSaved)]
-        return grids[-1] if grids else None
+        grids = [
+            e.path
+            for _, folder in self.concepts
+            for e in read_events(folder)[self.earlier_events.get(folder, 0) :]
+            if isinstance(e, ValidationImagesSaved)
+        ]
+        newest = max(enumerate(grids), key=lambda ig: (_mtime(ig[1]), ig[0]), default=None)
+        return newest[1] if newest else None
 
     def _state(self, step: int) -> tuple[str, bool]:
         """One line for the run's state, and whether it failed."""
@@ -389,12 +429,43 @@ class TrainJob:
             wrote = [line for line in lines if line.startswith("wrote ")]
             return "; ".join(wrote) or "finished", False
         if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-            saved = self.output_dir / f"{self.name}.interrupted.xti.safetensors"  # type: ignore[operator]
-            where = f": vectors saved to {saved}" if saved.is_file() else ""
+            saved = [f / f"{n}.interrupted.xti.safetensors" for n, f in self.concepts]
+            saved = [str(f) for f in saved if f.is_file()]
+            where = f": vectors saved to {', '.join(saved)}" if saved else ""
             return f"stopped at step {step}{where}", False
         errors = [line[len("error: ") :] for line in lines if line.startswith("error: ")]
         last = errors[-1] if errors else (lines[-1] if lines else f"exit status {code}")
         return f"training failed: {last[:300]}", True
+
+
+def concept_folders(cfg: Any) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of each concept a config trains: its output folder for one concept,
+    ``<output_dir>/<name>`` for each of several (`xti.concepts`)."""
+    out = Path(cfg.output_dir).expanduser()
+    if not cfg.concepts:
+        return [(cfg.concept_name, out)]
+    return [(c.concept_name, out / c.concept_name) for c in cfg.concepts]
+
+
+def concept_metrics(concepts: list[tuple[str, Path]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Each concept's metrics rows (``logs/metrics.jsonl``); with several concepts each row
+    also names its ``concept``."""
+    from xti.tracking import METRICS_FILE, read_metrics
+
+    out = []
+    for name, folder in concepts:
+        rows = read_metrics(folder / "logs" / METRICS_FILE)
+        if len(concepts) > 1:
+            rows = [{**r, "concept": name} for r in rows]
+        out.append((name, rows))
+    return out
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _seconds_left(rows: list[dict[str, Any]], max_steps: int) -> float | None:

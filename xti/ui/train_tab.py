@@ -49,15 +49,23 @@ def _progress_html(snap: Progress) -> str:
 
 
 def _loss_frame(rows: list[dict[str, Any]]) -> Any:
-    """The loss curve's data: ``step``, ``value``, ``series`` (loss and its smoothed line)."""
+    """The loss curve's data: ``step``, ``value``, ``series`` (loss and its smoothed line; with
+    several concepts, each concept's smoothed loss under its name)."""
     import pandas as pd
 
-    data = [
-        {"step": r["step"], "value": r[key], "series": key}
-        for key in ("loss", "loss_smoothed")
-        for r in rows
-        if isinstance(r.get(key), (int, float))
-    ]
+    if any("concept" in r for r in rows):
+        data = [
+            {"step": r["step"], "value": r["loss_smoothed"], "series": r["concept"]}
+            for r in rows
+            if isinstance(r.get("loss_smoothed"), (int, float))
+        ]
+    else:
+        data = [
+            {"step": r["step"], "value": r[key], "series": key}
+            for key in ("loss", "loss_smoothed")
+            for r in rows
+            if isinstance(r.get(key), (int, float))
+        ]
     frame = pd.DataFrame(data, columns=["step", "value", "series"])
     # typed: the plot reads the column types (a number axis, not categories)
     return frame.astype({"step": "int64", "value": "float64", "series": "str"})
