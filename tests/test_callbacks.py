@@ -83,7 +83,8 @@ def test_the_ui_takes_the_newest_grid_of_its_own_run_from_the_events(tmp_path: P
     log.on_validation_images_saved(ValidationImagesSaved(5, tmp_path / "earlier-run.png"))
     job = TrainJob()
     job.output_dir = tmp_path
-    job.earlier_events = len(read_events(tmp_path))
+    job.concepts = [("c", tmp_path)]
+    job.earlier_events = {tmp_path: len(read_events(tmp_path))}
     assert job._newest_grid() is None  # an earlier run's grid is not this run's
     log.on_checkpoint_saved(CheckpointSaved(2, tmp_path / "checkpoints" / "step-000002"))
     log.on_validation_images_saved(ValidationImagesSaved(2, tmp_path / "a.png"))

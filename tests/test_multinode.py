@@ -85,8 +85,11 @@ def worker_of(launcher: subprocess.Popen) -> psutil.Process:
     """The training process the launcher (accelerate -> torchrun agent) started."""
     for _ in range(600):
         for child in psutil.Process(launcher.pid).children(recursive=True):
-            with_script = any(a.endswith("train.py") for a in child.cmdline())
-            if with_script and "launch" not in child.cmdline():
+            try:
+                argv = child.cmdline()
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue  # a short-lived helper of the launcher that already ended
+            if any(a.endswith("train.py") for a in argv) and "launch" not in argv:
                 return child
         time.sleep(0.05)
     raise AssertionError("no training process under the launcher")
