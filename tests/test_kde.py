@@ -12,15 +12,21 @@ import torch
 
 from xti.kde import (
     KDERegularizer,
-    add_relative_kde_gradient,
     bandwidth_sample_rows,
     nearest_neighbour_bandwidth,
     reference_row_ids,
     vocabulary_matrix,
     vocabulary_row_ids,
 )
+from xti.regularizers.base import add_relative_gradient
+from xti.regularizers.kde import KDETerm
 
 N, D = 5000, 32
+
+
+def _terms(kdes: dict[str, KDERegularizer]) -> dict[str, KDETerm]:
+    """The shipped KDE term (mean kde over an encoder's vectors) of each encoder."""
+    return {k: KDETerm(v) for k, v in kdes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +185,7 @@ def test_relative_weighting_adds_lambda_times_the_diffusion_norm_along_dk(
     for k, p in params.items():
         p.grad = diffusion[k].clone()
     lam = 0.25
-    stats = add_relative_kde_gradient(params, kdes, lam)
+    stats = add_relative_gradient(params, _terms(kdes), lam)
     for k, p in params.items():
         # Independent: float64 brute-force K = mean kde over all of this encoder's vectors.
         e = p.detach().double().requires_grad_(True)
@@ -197,11 +203,11 @@ def test_relative_weighting_adds_lambda_times_the_diffusion_norm_along_dk(
     # λ = 0 leaves the gradient untouched; a non-finite diffusion gradient gets nothing added.
     for k, p in params.items():
         p.grad = diffusion[k].clone()
-    add_relative_kde_gradient(params, kdes, 0.0)
+    add_relative_gradient(params, _terms(kdes), 0.0)
     assert all(torch.equal(p.grad, diffusion[k]) for k, p in params.items())
     params["a"].grad[0, 0, 0] = float("inf")
     before = params["a"].grad.clone()
-    assert add_relative_kde_gradient({"a": params["a"]}, kdes, 1.0)["a"].effective_weight == 0.0
+    assert add_relative_gradient({"a": params["a"]}, _terms(kdes), 1.0)["a"].effective_weight == 0.0
     assert torch.equal(params["a"].grad, before)
 
 

@@ -8,7 +8,7 @@ the relative weighting of its gradient against the diffusion gradient, and neare
     kde(e) = -logsumexp_j(-||e - r_j||^2 / (2 h^2)) + log N,        K = mean over vectors of kde(e)
 
 At each optimizer step the gradient ``g_K = dK/d(vectors)`` is added to the complete diffusion
-gradient ``g_d`` rescaled to ``λ · ||g_d|| / ||g_K||`` (`add_relative_kde_gradient`), so λ is the
+gradient ``g_d`` rescaled to ``λ · ||g_d|| / ||g_K||`` (`xti.regularizers.base.add_relative_gradient`), so λ is the
 pull towards the vocabulary relative to the diffusion gradient, whatever the model.
 
 Everything is computed in fp32 (autocast is switched off inside) from
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "KDEStats",
     "KDERegularizer",
-    "add_relative_kde_gradient",
     "nearest_neighbour_bandwidth",
     "reference_row_ids",
     "vocabulary_matrix",
@@ -409,42 +408,3 @@ class KDEStats:
     grad_diffusion: float
     grad_kde: float
     effective_weight: float
-
-
-def add_relative_kde_gradient(
-    vectors: Mapping[str, torch.Tensor],
-    regularizers: Mapping[str, KDERegularizer],
-    weight: float,
-) -> dict[str, KDEStats]:
-    """Add ``λ · (||g_d|| / ||g_K||) · g_K`` to each encoder's vector gradient (DESIGN §4).
-
-    Args:
-        vectors: ``{encoder: leaf parameter}``; its ``.grad`` must hold the complete diffusion
-            gradient g_d of the optimizer step (accumulated, synchronised across processes,
-            unscaled). None counts as zero.
-        regularizers: the KDE of each encoder, same keys.
-        weight: λ. With 0 the gradients are left untouched (K and the norms are still reported).
-
-    A non-finite ``||g_d||`` (an overflowing fp16 step, which the scaler skips) adds nothing.
-    K is computed from the vectors alone, so it is identical on every process.
-    """
-    stats: dict[str, KDEStats] = {}
-    for name, param in vectors.items():
-        with torch.enable_grad():
-            leaf = param.detach().requires_grad_(True)
-            k = regularizers[name](leaf).mean()
-            (g_k,) = torch.autograd.grad(k, leaf)
-        g_d = param.grad
-        norm_d = float(g_d.detach().float().norm()) if g_d is not None else 0.0
-        norm_k = float(g_k.norm())
-        factor = 0.0
-        if weight > 0 and norm_k > 0 and math.isfinite(norm_d):
-            factor = weight * norm_d / norm_k
-            if factor > 0:
-                add = (g_k * factor).to(param.dtype)
-                if g_d is None:
-                    param.grad = add
-                else:
-                    g_d.add_(add)
-        stats[name] = KDEStats(float(k.detach()), norm_d, norm_k, factor)
-    return stats

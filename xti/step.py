@@ -11,7 +11,7 @@
   encoder inference shares, `xti.embeddings.encode_per_layer`), run the UNet with them.
 * `relative_movement`: how far the vectors moved from their start.
 
-The KDE term (`xti.kde.add_relative_kde_gradient`) joins the gradient once per optimizer step, in
+The KDE term (`xti.regularizers.base.add_relative_gradient`) joins the gradient once per optimizer step, in
 the loop (`xti.training`). ``tests/test_step_maths.py`` checks the sampling and objective functions
 one by one against their formulas; ``bench/step.py`` times `compute_loss`. Whatever differs between
 SD 1.x/2.x and SDXL (text encoders, pooled embeds, ``time_ids``) the model's
@@ -226,7 +226,7 @@ def compute_loss(
     snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Diffusion loss of one micro-step (the KDE term is added to the gradient once per optimizer
-    step instead, by `xti.kde.add_relative_kde_gradient`).
+    step instead, by `xti.regularizers.base.add_relative_gradient`).
 
     Args:
         m: models and concept wiring (the text encoders must carry the concept token embedding).
