@@ -281,27 +281,6 @@ class KDEConfig(_Section):
         return v
 
 
-class NormRegularizerConfig(_Section):
-    """The norm regulariser (`xti.regularizers.norm`)."""
-
-    weight: float = Field(
-        0.1,
-        ge=0.0,
-        description="λ: its gradient is added at λ times the diffusion gradient's norm; 0 turns it off.",
-    )
-    target: Literal["initializer", "reference"] = Field(
-        "initializer",
-        description="Target norm: the initializer's vectors' mean norm, or the KDE reference rows' mean norm.",
-    )
-
-    @field_validator("weight")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-
 class InitPullConfig(_Section):
     """The pull toward the initializer (`xti.regularizers.init_pull`)."""
 
@@ -317,6 +296,15 @@ class InitPullConfig(_Section):
         if not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+
+class NormRegularizerConfig(InitPullConfig):
+    """The norm regulariser (`xti.regularizers.norm`): its λ as the pull's, and a target norm."""
+
+    target: Literal["initializer", "reference"] = Field(
+        "initializer",
+        description="Target norm: the initializer's vectors' mean norm, or the KDE reference rows' mean norm.",
+    )
 
 
 class RegularizerConfig(_Section):

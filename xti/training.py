@@ -539,14 +539,7 @@ class Trainer:
             device=self.device,
             progress=self.progress and self.is_main,
         )
-        if self.is_main:
-            logger.info("latents: %s", report.describe())
-        prompts = PromptTable.build(
-            {p.name: p.tokenizer for p in self.parts},
-            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
-            self.plan.tokens,
-        )
-        return RunData(cache, report, prompts)
+        return self.run_data(cache, report)
 
     def prepare_bucketed_data(self) -> RunData:
         """`prepare_data` with aspect-ratio buckets or masks: latents per bucket, with the masks'
@@ -558,11 +551,16 @@ class Trainer:
             disk=disk if cfg.data.latent_cache else None, device=self.device,
             progress=self.progress and self.is_main,
         )  # fmt: skip
+        return self.run_data(cache, report)
+
+    def run_data(self, cache: Any, report: Any) -> RunData:
+        """The prepared latents with this run's prompt table (and a line on how they were made)."""
+        cfg = self.cfg
         if self.is_main:
             logger.info("latents: %s", report.describe())
         prompts = PromptTable.build(
             {p.name: p.tokenizer for p in self.parts},
-            prompts_per_image(records, cfg.concept.placeholder, cfg.data.template),
+            prompts_per_image(self.inputs.records, cfg.concept.placeholder, cfg.data.template),
             self.plan.tokens,
         )
         return RunData(cache, report, prompts)
