@@ -309,6 +309,7 @@ def _table_without_time(path: Path) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(path.open())]
 
 
+@pytest.mark.cluster
 @pytest.mark.slow  # four processes (three array tasks and the table job) on a local cluster
 def test_slurm_job_array_gives_the_same_files_as_the_local_run(
     local_run, slurm_cluster, tmp_path, monkeypatch, capsys

@@ -24,6 +24,9 @@ from xti.distributed import accelerate_num_processes, check_world_size, requeste
 from xti.errors import XTIError
 from xti.training import train
 
+# run alone, after the parallel part of the suite (README's test line): they time signals
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ACCELERATE = Path(sys.executable).with_name("accelerate")

@@ -21,6 +21,9 @@ from xti import runs
 from xti.config import load_config
 from xti.training import train
 
+# run alone, after the parallel part of the suite (README's test line): they time signals
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).parents[1]
 
 
